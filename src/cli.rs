@@ -1,0 +1,125 @@
+//! Command-line interface: parses arguments and calls the module that does
+//! the work.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config, LogFormat, LogLevel, Overrides};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "berth",
+    version,
+    about = "A Kubernetes node runtime serving the CRI v1 API"
+)]
+pub struct Cli {
+    /// Configuration file; its drop-ins are read from `config.d/` beside it.
+    /// Without this flag a missing /etc/berth/config.toml means all defaults.
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the CRI API on a unix socket.
+    Serve(DirFlags),
+    /// Check that this host can run pods, one line per requirement.
+    Check(DirFlags),
+    /// Print the effective configuration as TOML.
+    Config(DirFlags),
+    /// Print berth's version and the CRI API version it speaks.
+    Version,
+}
+
+/// Flags that override the configuration files, so that scripts and tests
+/// can run daemons side by side.
+#[derive(Debug, clap::Args)]
+struct DirFlags {
+    /// The CRI socket (default: <state>/berth.sock).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Persistent data directory (default: /var/lib/berth).
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Runtime state directory, gone after reboot (default: /run/berth).
+    #[arg(long, value_name = "DIR")]
+    state: Option<PathBuf>,
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<LogLevel>,
+    /// Log one JSON object a line instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+impl Cli {
+    fn load_config(&self, flags: &DirFlags) -> anyhow::Result<Config> {
+        let (path, required) = match &self.config {
+            Some(path) => (path.clone(), true),
+            None => (PathBuf::from(config::DEFAULT_CONFIG_PATH), false),
+        };
+        let overrides = Overrides {
+            socket: flags.socket.clone(),
+            root: flags.root.clone(),
+            state: flags.state.clone(),
+            log_level: flags.log_level,
+        };
+        let mut config = Config::load(&path, required, &overrides)?;
+        if flags.log_json {
+            config.log_format = LogFormat::Json;
+        }
+        Ok(config)
+    }
+}
+
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // One line an operator can act on: the chain of causes, joined.
+            eprintln!("berth: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Serve(flags) => {
+            let config = cli.load_config(flags)?;
+            crate::logging::init(config.log_level, config.log_format);
+            crate::daemon::run(config).context("serve")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check(flags) => {
+            let config = cli.load_config(flags)?;
+            let findings = crate::check::run(&config);
+            let mut failed = false;
+            for finding in &findings {
+                println!("{finding}");
+                failed |= finding.outcome == crate::check::Outcome::Missing;
+            }
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Config(flags) => {
+            let config = cli.load_config(flags)?;
+            print!("{}", config.to_toml());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Version => {
+            println!("berth {}", env!("CARGO_PKG_VERSION"));
+            println!("CRI API v1");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,553 @@
+//! The daemon's configuration: TOML in `/etc/berth/config.toml`, then the
+//! drop-ins of `/etc/berth/config.d/*.toml` in lexical order, then command
+//! line flags. Every key has a default, so no file is needed at all.
+//!
+//! Files are merged key by key before the result is checked, and each key
+//! remembers the file that set it last, so that an error can always name the
+//! file and the key an operator has to fix.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/berth/config.toml";
+const DEFAULT_ROOT: &str = "/var/lib/berth";
+const DEFAULT_STATE: &str = "/run/berth";
+const SOCKET_NAME: &str = "berth.sock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {path}: read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config {origin}: key `{key}`: {message}")]
+    Key {
+        origin: String,
+        key: String,
+        message: String,
+    },
+}
+
+/// The effective configuration. `Serialize` renders it for `berth config`
+/// and for the verbose `Status` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Persistent data: content store, snapshots, metadata database.
+    pub root: PathBuf,
+    /// Runtime state that is gone after a reboot: sockets, namespace pins.
+    pub state: PathBuf,
+    /// The CRI socket. Empty means `<state>/berth.sock`.
+    pub socket: PathBuf,
+    pub log_level: LogLevel,
+    pub log_format: LogFormat,
+    pub cgroup_driver: CgroupDriver,
+    pub network: NetworkConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root: PathBuf::from(DEFAULT_ROOT),
+            state: PathBuf::from(DEFAULT_STATE),
+            socket: PathBuf::new(),
+            log_level: LogLevel::Info,
+            log_format: LogFormat::Text,
+            cgroup_driver: CgroupDriver::Cgroupfs,
+            network: NetworkConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// How pod cgroups are named: plain paths (`/kubepods/burstable/pod<uid>`)
+/// or systemd slices (`kubepods-burstable-pod<uid>.slice`). It must match
+/// kubelet's `--cgroup-driver`, which kubelet reads from `RuntimeConfig`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupDriver {
+    Cgroupfs,
+    Systemd,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    pub mode: NetworkMode,
+    /// Where CNI network configurations are looked for.
+    pub cni_conf_dir: PathBuf,
+    /// Where CNI plugin binaries are looked for, in order.
+    pub cni_bin_dirs: Vec<PathBuf>,
+    /// The built-in network's pod CIDR, used until kubelet sends one with
+    /// `UpdateRuntimeConfig`.
+    pub pod_cidr: ipnet::IpNet,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            mode: NetworkMode::Auto,
+            cni_conf_dir: PathBuf::from("/etc/cni/net.d"),
+            cni_bin_dirs: vec![PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")],
+            pod_cidr: ipnet::IpNet::V4(
+                ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(10, 88, 0, 0), 16)
+                    .expect("10.88.0.0/16 is a valid network"),
+            ),
+        }
+    }
+}
+
+/// `auto` uses CNI when a CNI configuration exists and the built-in network
+/// otherwise, as a fresh node with nothing installed expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    Auto,
+    Cni,
+    Builtin,
+}
+
+/// Command-line values that override the files.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub socket: Option<PathBuf>,
+    pub root: Option<PathBuf>,
+    pub state: Option<PathBuf>,
+    pub log_level: Option<LogLevel>,
+}
+
+/// Which file set each dotted key last; keys no file set are defaults.
+#[derive(Debug, Default)]
+struct Origins(BTreeMap<String, PathBuf>);
+
+impl Origins {
+    fn of(&self, key: &str) -> String {
+        // A key inside a table set by a file is owned by the longest prefix
+        // some file set.
+        let mut probe = key;
+        loop {
+            if let Some(path) = self.0.get(probe) {
+                return path.display().to_string();
+            }
+            match probe.rfind('.') {
+                Some(dot) => probe = &probe[..dot],
+                None => return "(defaults and flags)".to_string(),
+            }
+        }
+    }
+}
+
+impl Config {
+    /// Loads `main` (when it exists, or always when `required`) and the
+    /// drop-ins in `<main's dir>/config.d/`, then applies `overrides`.
+    pub fn load(main: &Path, required: bool, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut files = Vec::new();
+        match std::fs::metadata(main) {
+            Ok(_) => files.push(main.to_path_buf()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {}
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: main.to_path_buf(),
+                    source,
+                });
+            }
+        }
+        let dropin_dir = main.parent().unwrap_or(Path::new("/")).join("config.d");
+        files.extend(dropins(&dropin_dir)?);
+
+        let mut merged = toml::Table::new();
+        let mut origins = Origins::default();
+        for file in &files {
+            let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+                path: file.clone(),
+                source,
+            })?;
+            let table: toml::Table =
+                text.parse()
+                    .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                        path: file.clone(),
+                        message: one_line(&syntax_message(&text, &e)),
+                    })?;
+            // Checked alone first so that a wrong key or type names its own
+            // file, not the merge.
+            decode(table.clone(), |_| file.display().to_string())?;
+            merge(&mut merged, table, "", file, &mut origins);
+        }
+        let mut config = decode(merged, |key| origins.of(key))?;
+        config.apply(overrides);
+        config.validate(&origins)?;
+        Ok(config)
+    }
+
+    fn apply(&mut self, overrides: &Overrides) {
+        if let Some(root) = &overrides.root {
+            self.root = root.clone();
+        }
+        if let Some(state) = &overrides.state {
+            self.state = state.clone();
+        }
+        if let Some(socket) = &overrides.socket {
+            self.socket = socket.clone();
+        }
+        if let Some(level) = overrides.log_level {
+            self.log_level = level;
+        }
+    }
+
+    fn validate(&self, origins: &Origins) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Key {
+            origin: origins.of(key),
+            key: key.to_string(),
+            message,
+        };
+        for (key, path) in [("root", &self.root), ("state", &self.state)] {
+            if !path.is_absolute() {
+                return Err(invalid(
+                    key,
+                    format!("{} is not an absolute path", path.display()),
+                ));
+            }
+        }
+        if self.root == self.state {
+            return Err(invalid(
+                "state",
+                "must differ from `root`: state is wiped at reboot, root is not".to_string(),
+            ));
+        }
+        if !self.socket.as_os_str().is_empty() && !self.socket.is_absolute() {
+            return Err(invalid(
+                "socket",
+                format!("{} is not an absolute path", self.socket.display()),
+            ));
+        }
+        if !self.network.cni_conf_dir.is_absolute() {
+            return Err(invalid(
+                "network.cni_conf_dir",
+                format!(
+                    "{} is not an absolute path",
+                    self.network.cni_conf_dir.display()
+                ),
+            ));
+        }
+        if let Some(dir) = self.network.cni_bin_dirs.iter().find(|d| !d.is_absolute()) {
+            return Err(invalid(
+                "network.cni_bin_dirs",
+                format!("{} is not an absolute path", dir.display()),
+            ));
+        }
+        if self.network.pod_cidr.prefix_len() + 2 > self.network.pod_cidr.max_prefix_len() {
+            return Err(invalid(
+                "network.pod_cidr",
+                format!("{} is too small to hold pods", self.network.pod_cidr),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The CRI socket path: the configured one or `<state>/berth.sock`.
+    pub fn socket_path(&self) -> PathBuf {
+        if self.socket.as_os_str().is_empty() {
+            self.state.join(SOCKET_NAME)
+        } else {
+            self.socket.clone()
+        }
+    }
+
+    /// The effective configuration as TOML, as `berth config` prints it.
+    pub fn to_toml(&self) -> String {
+        let mut effective = self.clone();
+        effective.socket = self.socket_path();
+        toml::to_string_pretty(&effective).expect("the config is plain data and always serializes")
+    }
+}
+
+impl fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NetworkMode::Auto => "auto",
+            NetworkMode::Cni => "cni",
+            NetworkMode::Builtin => "builtin",
+        })
+    }
+}
+
+fn dropins(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: dir.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| ConfigError::Read {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = entry.path();
+        if path.extension().is_some_and(|ext| ext == "toml") {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Deserializes a merged table into a `Config`, naming the offending key.
+fn decode(table: toml::Table, origin_of: impl Fn(&str) -> String) -> Result<Config, ConfigError> {
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        // The path includes an unknown key itself, so it always names the
+        // key to fix.
+        let key = e.path().to_string();
+        let message = one_line(&e.inner().to_string());
+        ConfigError::Key {
+            origin: origin_of(&key),
+            key,
+            message,
+        }
+    })
+}
+
+fn merge(
+    into: &mut toml::Table,
+    from: toml::Table,
+    prefix: &str,
+    file: &Path,
+    origins: &mut Origins,
+) {
+    for (key, value) in from {
+        let dotted = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(existing)), toml::Value::Table(table)) => {
+                merge(existing, table, &dotted, file, origins);
+            }
+            (_, value) => {
+                origins.0.insert(dotted, file.to_path_buf());
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
+fn syntax_message(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {}", e.message())
+        }
+        None => e.message().to_string(),
+    }
+}
+
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().expect("has parent")).expect("mkdir");
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config::load(
+            &dir.path().join("config.toml"),
+            false,
+            &Overrides::default(),
+        )
+        .expect("defaults load");
+        assert_eq!(config, Config::default());
+        assert_eq!(config.socket_path(), PathBuf::from("/run/berth/berth.sock"));
+    }
+
+    #[test]
+    fn required_file_must_exist() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = Config::load(&dir.path().join("nope.toml"), true, &Overrides::default())
+            .expect_err("missing file is an error");
+        assert!(err.to_string().contains("nope.toml"), "{err}");
+    }
+
+    #[test]
+    fn dropins_apply_in_lexical_order_over_the_main_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let main = write(
+            dir.path(),
+            "config.toml",
+            "root = \"/a\"\n[network]\nmode = \"cni\"\n",
+        );
+        write(dir.path(), "config.d/20-late.toml", "root = \"/c\"\n");
+        write(
+            dir.path(),
+            "config.d/10-early.toml",
+            "root = \"/b\"\nlog_level = \"debug\"\n",
+        );
+        write(dir.path(), "config.d/ignored.conf", "this is not toml");
+        let config = Config::load(&main, true, &Overrides::default()).expect("loads");
+        assert_eq!(config.root, PathBuf::from("/c"));
+        assert_eq!(config.log_level, LogLevel::Debug);
+        // A drop-in that sets nothing under [network] keeps the main file's keys.
+        assert_eq!(config.network.mode, NetworkMode::Cni);
+    }
+
+    #[test]
+    fn flags_override_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let main = write(dir.path(), "config.toml", "root = \"/a\"\nstate = \"/s\"\n");
+        let overrides = Overrides {
+            root: Some(PathBuf::from("/flag-root")),
+            socket: Some(PathBuf::from("/tmp/x.sock")),
+            ..Overrides::default()
+        };
+        let config = Config::load(&main, true, &overrides).expect("loads");
+        assert_eq!(config.root, PathBuf::from("/flag-root"));
+        assert_eq!(config.state, PathBuf::from("/s"));
+        assert_eq!(config.socket_path(), PathBuf::from("/tmp/x.sock"));
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let main = write(dir.path(), "config.toml", "root = \"/a\"\n");
+        let dropin = write(dir.path(), "config.d/10.toml", "[network]\nbogus = 1\n");
+        let err = Config::load(&main, true, &Overrides::default()).expect_err("unknown key");
+        let text = err.to_string();
+        assert!(text.contains(&dropin.display().to_string()), "{text}");
+        assert!(text.contains("`network.bogus`"), "{text}");
+        assert!(!text.contains('\n'), "one line: {text}");
+    }
+
+    #[test]
+    fn wrong_type_names_file_and_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let main = write(dir.path(), "config.toml", "log_level = 3\n");
+        let err = Config::load(&main, true, &Overrides::default()).expect_err("wrong type");
+        let text = err.to_string();
+        assert!(text.contains("config.toml"), "{text}");
+        assert!(text.contains("`log_level`"), "{text}");
+    }
+
+    #[test]
+    fn unknown_enum_value_lists_what_is_allowed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let main = write(dir.path(), "config.toml", "cgroup_driver = \"cgroupv3\"\n");
+        let text = Config::load(&main, true, &Overrides::default())
+            .expect_err("bad value")
+            .to_string();
+        assert!(text.contains("`cgroup_driver`"), "{text}");
+        assert!(
+            text.contains("cgroupfs") && text.contains("systemd"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn impossible_values_name_the_file_that_set_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let main = write(dir.path(), "config.toml", "root = \"relative/dir\"\n");
+        let text = Config::load(&main, true, &Overrides::default())
+            .expect_err("relative root")
+            .to_string();
+        assert!(
+            text.contains("config.toml") && text.contains("`root`"),
+            "{text}"
+        );
+
+        let main = write(
+            dir.path(),
+            "config.toml",
+            "[network]\npod_cidr = \"10.0.0.0/31\"\n",
+        );
+        let text = Config::load(&main, true, &Overrides::default())
+            .expect_err("tiny cidr")
+            .to_string();
+        assert!(
+            text.contains("config.toml") && text.contains("`network.pod_cidr`"),
+            "{text}"
+        );
+
+        let main = write(
+            dir.path(),
+            "config.toml",
+            "[network]\npod_cidr = \"10.0.0.0/40\"\n",
+        );
+        let text = Config::load(&main, true, &Overrides::default())
+            .expect_err("bad cidr")
+            .to_string();
+        assert!(text.contains("`network.pod_cidr`"), "{text}");
+    }
+
+    #[test]
+    fn syntax_error_names_file_and_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let main = write(dir.path(), "config.toml", "root = \"/a\"\nstate = \n");
+        let text = Config::load(&main, true, &Overrides::default())
+            .expect_err("syntax")
+            .to_string();
+        assert!(
+            text.contains("config.toml") && text.contains("line 2"),
+            "{text}"
+        );
+        assert!(!text.contains('\n'), "one line: {text}");
+    }
+
+    #[test]
+    fn printed_config_loads_back_to_the_same_config() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config {
+            cgroup_driver: CgroupDriver::Systemd,
+            network: NetworkConfig {
+                mode: NetworkMode::Builtin,
+                ..NetworkConfig::default()
+            },
+            ..Config::default()
+        };
+        let main = write(dir.path(), "config.toml", &config.to_toml());
+        let loaded = Config::load(&main, true, &Overrides::default()).expect("round trip");
+        assert_eq!(loaded.cgroup_driver, CgroupDriver::Systemd);
+        assert_eq!(loaded.network, config.network);
+        assert_eq!(loaded.socket_path(), config.socket_path());
+    }
+}

@@ -1,0 +1,16 @@
+//! berth: a Kubernetes node runtime serving the CRI v1 API. The module map
+//! and the rules that hold everywhere are in the project's DESIGN.md; `cli`
+//! is where every command starts.
+
+#![deny(unsafe_code)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+pub mod check;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod executor;
+pub mod logging;
+pub mod network;
+pub mod server;
+pub mod store;

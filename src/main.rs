@@ -1,0 +1,5 @@
+#![deny(unsafe_code)]
+
+fn main() -> std::process::ExitCode {
+    berth::cli::run()
+}

@@ -1,0 +1,21 @@
+//! The CRI services. Handlers only translate: validate the request, call the
+//! domain module, build the response. One file per RPC group.
+
+mod error;
+mod image;
+mod runtime;
+
+use std::sync::Arc;
+
+use k8s_cri::v1::image_service_server::ImageServiceServer;
+use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
+use tonic::transport::server::Router;
+
+use crate::daemon::Daemon;
+
+/// The tonic router with both CRI services, ready to serve.
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    tonic::transport::Server::builder()
+        .add_service(RuntimeServiceServer::new(runtime::Runtime::new(daemon)))
+        .add_service(ImageServiceServer::new(image::Images))
+}

@@ -1,0 +1,387 @@
+//! `runtime.v1.RuntimeService`: runtime-wide RPCs answered here; pod,
+//! container and streaming RPCs answer `Unimplemented` until their modules
+//! exist.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use k8s_cri::v1::runtime_service_server::RuntimeService;
+use k8s_cri::v1::*;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::error::{invalid, not_built};
+use crate::config::CgroupDriver as ConfigCgroupDriver;
+use crate::daemon::Daemon;
+use crate::network::Readiness;
+
+/// The CRI API version berth speaks, as kubelet's `Version` call expects.
+const KUBE_API_VERSION: &str = "0.1.0";
+const RUNTIME_NAME: &str = "berth";
+const RUNTIME_API_VERSION: &str = "v1";
+
+const PODS: &str = "pod sandboxes";
+const CONTAINERS: &str = "the container lifecycle";
+const STATS: &str = "container and pod statistics";
+const STREAMING: &str = "the streaming server (exec, attach, port-forward)";
+
+pub struct Runtime {
+    daemon: Arc<Daemon>,
+}
+
+impl Runtime {
+    pub fn new(daemon: Arc<Daemon>) -> Self {
+        Runtime { daemon }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<ContainerEventResponse, Status>> + Send>>;
+
+fn condition(kind: &str, readiness: Readiness) -> RuntimeCondition {
+    RuntimeCondition {
+        r#type: kind.to_string(),
+        status: readiness.ready,
+        reason: readiness.reason,
+        message: readiness.message,
+    }
+}
+
+#[tonic::async_trait]
+impl RuntimeService for Runtime {
+    async fn version(
+        &self,
+        _request: Request<VersionRequest>,
+    ) -> Result<Response<VersionResponse>, Status> {
+        Ok(Response::new(VersionResponse {
+            version: KUBE_API_VERSION.to_string(),
+            runtime_name: RUNTIME_NAME.to_string(),
+            runtime_version: env!("CARGO_PKG_VERSION").to_string(),
+            runtime_api_version: RUNTIME_API_VERSION.to_string(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let daemon = self.daemon.clone();
+        // Readiness reads directories (CNI configs, plugins): off the runtime.
+        let (runtime_ready, network_ready) = tokio::task::spawn_blocking(move || {
+            (daemon.runtime_readiness(), daemon.network_readiness())
+        })
+        .await
+        .map_err(|e| Status::internal(format!("readiness check: {e}")))?;
+        let mut info = HashMap::new();
+        if request.get_ref().verbose {
+            let config = serde_json::to_string(&self.daemon.config)
+                .map_err(|e| Status::internal(format!("render config: {e}")))?;
+            info.insert("config".to_string(), config);
+            let cidrs = self.daemon.pod_cidrs();
+            let cidrs: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
+            info.insert(
+                "podCIDRs".to_string(),
+                serde_json::to_string(&cidrs)
+                    .map_err(|e| Status::internal(format!("render pod CIDRs: {e}")))?,
+            );
+        }
+        Ok(Response::new(StatusResponse {
+            status: Some(RuntimeStatus {
+                conditions: vec![
+                    condition("RuntimeReady", runtime_ready),
+                    condition("NetworkReady", network_ready),
+                ],
+            }),
+            info,
+            // The default handler only; none of the optional handler
+            // features is built yet, so none is claimed.
+            runtime_handlers: vec![RuntimeHandler {
+                name: String::new(),
+                features: Some(RuntimeHandlerFeatures {
+                    recursive_read_only_mounts: false,
+                    user_namespaces: false,
+                }),
+            }],
+            features: Some(RuntimeFeatures {
+                supplemental_groups_policy: false,
+            }),
+        }))
+    }
+
+    async fn runtime_config(
+        &self,
+        _request: Request<RuntimeConfigRequest>,
+    ) -> Result<Response<RuntimeConfigResponse>, Status> {
+        let driver = match self.daemon.config.cgroup_driver {
+            ConfigCgroupDriver::Cgroupfs => CgroupDriver::Cgroupfs,
+            ConfigCgroupDriver::Systemd => CgroupDriver::Systemd,
+        };
+        Ok(Response::new(RuntimeConfigResponse {
+            linux: Some(LinuxRuntimeConfiguration {
+                cgroup_driver: driver as i32,
+            }),
+        }))
+    }
+
+    async fn update_runtime_config(
+        &self,
+        request: Request<UpdateRuntimeConfigRequest>,
+    ) -> Result<Response<UpdateRuntimeConfigResponse>, Status> {
+        let pod_cidr = request
+            .into_inner()
+            .runtime_config
+            .and_then(|c| c.network_config)
+            .map(|n| n.pod_cidr)
+            .unwrap_or_default();
+        // kubelet sends nothing until the node has a pod CIDR; an empty value
+        // leaves the current one as it is, as containerd does.
+        if pod_cidr.trim().is_empty() {
+            return Ok(Response::new(UpdateRuntimeConfigResponse {}));
+        }
+        let cidrs = parse_pod_cidrs(&pod_cidr)?;
+        let daemon = self.daemon.clone();
+        tokio::task::spawn_blocking(move || daemon.set_pod_cidrs(cidrs))
+            .await
+            .map_err(|e| Status::internal(format!("update pod CIDRs: {e}")))??;
+        Ok(Response::new(UpdateRuntimeConfigResponse {}))
+    }
+
+    async fn run_pod_sandbox(
+        &self,
+        _request: Request<RunPodSandboxRequest>,
+    ) -> Result<Response<RunPodSandboxResponse>, Status> {
+        Err(not_built("RunPodSandbox", PODS))
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        _request: Request<StopPodSandboxRequest>,
+    ) -> Result<Response<StopPodSandboxResponse>, Status> {
+        Err(not_built("StopPodSandbox", PODS))
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        _request: Request<RemovePodSandboxRequest>,
+    ) -> Result<Response<RemovePodSandboxResponse>, Status> {
+        Err(not_built("RemovePodSandbox", PODS))
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        _request: Request<PodSandboxStatusRequest>,
+    ) -> Result<Response<PodSandboxStatusResponse>, Status> {
+        Err(not_built("PodSandboxStatus", PODS))
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        _request: Request<ListPodSandboxRequest>,
+    ) -> Result<Response<ListPodSandboxResponse>, Status> {
+        Err(not_built("ListPodSandbox", PODS))
+    }
+
+    async fn create_container(
+        &self,
+        _request: Request<CreateContainerRequest>,
+    ) -> Result<Response<CreateContainerResponse>, Status> {
+        Err(not_built("CreateContainer", CONTAINERS))
+    }
+
+    async fn start_container(
+        &self,
+        _request: Request<StartContainerRequest>,
+    ) -> Result<Response<StartContainerResponse>, Status> {
+        Err(not_built("StartContainer", CONTAINERS))
+    }
+
+    async fn stop_container(
+        &self,
+        _request: Request<StopContainerRequest>,
+    ) -> Result<Response<StopContainerResponse>, Status> {
+        Err(not_built("StopContainer", CONTAINERS))
+    }
+
+    async fn remove_container(
+        &self,
+        _request: Request<RemoveContainerRequest>,
+    ) -> Result<Response<RemoveContainerResponse>, Status> {
+        Err(not_built("RemoveContainer", CONTAINERS))
+    }
+
+    async fn list_containers(
+        &self,
+        _request: Request<ListContainersRequest>,
+    ) -> Result<Response<ListContainersResponse>, Status> {
+        Err(not_built("ListContainers", CONTAINERS))
+    }
+
+    async fn container_status(
+        &self,
+        _request: Request<ContainerStatusRequest>,
+    ) -> Result<Response<ContainerStatusResponse>, Status> {
+        Err(not_built("ContainerStatus", CONTAINERS))
+    }
+
+    async fn update_container_resources(
+        &self,
+        _request: Request<UpdateContainerResourcesRequest>,
+    ) -> Result<Response<UpdateContainerResourcesResponse>, Status> {
+        Err(not_built("UpdateContainerResources", CONTAINERS))
+    }
+
+    async fn reopen_container_log(
+        &self,
+        _request: Request<ReopenContainerLogRequest>,
+    ) -> Result<Response<ReopenContainerLogResponse>, Status> {
+        Err(not_built("ReopenContainerLog", CONTAINERS))
+    }
+
+    async fn exec_sync(
+        &self,
+        _request: Request<ExecSyncRequest>,
+    ) -> Result<Response<ExecSyncResponse>, Status> {
+        Err(not_built("ExecSync", STREAMING))
+    }
+
+    async fn exec(&self, _request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
+        Err(not_built("Exec", STREAMING))
+    }
+
+    async fn attach(
+        &self,
+        _request: Request<AttachRequest>,
+    ) -> Result<Response<AttachResponse>, Status> {
+        Err(not_built("Attach", STREAMING))
+    }
+
+    async fn port_forward(
+        &self,
+        _request: Request<PortForwardRequest>,
+    ) -> Result<Response<PortForwardResponse>, Status> {
+        Err(not_built("PortForward", STREAMING))
+    }
+
+    async fn container_stats(
+        &self,
+        _request: Request<ContainerStatsRequest>,
+    ) -> Result<Response<ContainerStatsResponse>, Status> {
+        Err(not_built("ContainerStats", STATS))
+    }
+
+    async fn list_container_stats(
+        &self,
+        _request: Request<ListContainerStatsRequest>,
+    ) -> Result<Response<ListContainerStatsResponse>, Status> {
+        Err(not_built("ListContainerStats", STATS))
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        _request: Request<PodSandboxStatsRequest>,
+    ) -> Result<Response<PodSandboxStatsResponse>, Status> {
+        Err(not_built("PodSandboxStats", STATS))
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        _request: Request<ListPodSandboxStatsRequest>,
+    ) -> Result<Response<ListPodSandboxStatsResponse>, Status> {
+        Err(not_built("ListPodSandboxStats", STATS))
+    }
+
+    async fn checkpoint_container(
+        &self,
+        _request: Request<CheckpointContainerRequest>,
+    ) -> Result<Response<CheckpointContainerResponse>, Status> {
+        Err(Status::unimplemented(
+            "CheckpointContainer is not supported by berth: container checkpoint/restore is not part of its runtime",
+        ))
+    }
+
+    type GetContainerEventsStream = EventStream;
+
+    async fn get_container_events(
+        &self,
+        _request: Request<GetEventsRequest>,
+    ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
+        Err(not_built(
+            "GetContainerEvents",
+            "the container event stream",
+        ))
+    }
+
+    async fn list_metric_descriptors(
+        &self,
+        _request: Request<ListMetricDescriptorsRequest>,
+    ) -> Result<Response<ListMetricDescriptorsResponse>, Status> {
+        Err(not_built("ListMetricDescriptors", STATS))
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _request: Request<ListPodSandboxMetricsRequest>,
+    ) -> Result<Response<ListPodSandboxMetricsResponse>, Status> {
+        Err(not_built("ListPodSandboxMetrics", STATS))
+    }
+}
+
+/// kubelet sends one CIDR, or two separated by a comma on dual-stack nodes.
+fn parse_pod_cidrs(value: &str) -> Result<Vec<ipnet::IpNet>, Status> {
+    const FIELD: &str = "runtime_config.network_config.pod_cidr";
+    if value.len() > 256 {
+        return Err(invalid(FIELD, "longer than 256 bytes"));
+    }
+    let cidrs: Vec<ipnet::IpNet> = value
+        .split(',')
+        .map(|part| {
+            let part = part.trim();
+            part.parse::<ipnet::IpNet>()
+                .map_err(|e| invalid(FIELD, format!("{part:?} is not a CIDR: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    if cidrs.len() > 2 {
+        return Err(invalid(
+            FIELD,
+            "at most one IPv4 and one IPv6 CIDR are allowed",
+        ));
+    }
+    if cidrs.len() == 2 && cidrs[0].addr().is_ipv4() == cidrs[1].addr().is_ipv4() {
+        return Err(invalid(FIELD, "two CIDRs must be one IPv4 and one IPv6"));
+    }
+    Ok(cidrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_cidr_accepts_single_and_dual_stack() {
+        assert_eq!(parse_pod_cidrs("10.1.0.0/24").expect("v4").len(), 1);
+        assert_eq!(
+            parse_pod_cidrs("10.1.0.0/24, fd00::/64")
+                .expect("dual")
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn pod_cidr_rejects_garbage_and_two_of_a_family() {
+        for bad in [
+            "10.1.0.0",
+            "nonsense",
+            "10.0.0.0/24,10.1.0.0/24",
+            "1.0.0.0/8,fd00::/64,2.0.0.0/8",
+        ] {
+            let status = parse_pod_cidrs(bad).expect_err(bad);
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{bad}");
+            assert!(
+                status.message().contains("pod_cidr"),
+                "{bad}: {}",
+                status.message()
+            );
+        }
+    }
+}

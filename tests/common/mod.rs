@@ -1,0 +1,218 @@
+//! Integration-test rig: a real `berth serve` on a temporary socket with
+//! temporary root and state directories, and CRI clients connected to it.
+//! Everything is torn down when the [`TestDaemon`] is dropped, also when the
+//! test panics.
+
+#![allow(dead_code)] // each test binary uses a different part of the rig
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// How long a daemon may take to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn berth_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_berth")
+}
+
+pub struct TestDaemon {
+    child: Option<Child>,
+    pub dir: TempDir,
+    pub socket: PathBuf,
+    pub root: PathBuf,
+    pub state: PathBuf,
+    pub config: PathBuf,
+    log: PathBuf,
+}
+
+/// What a daemon is started with; `Default` is an empty config file.
+#[derive(Default)]
+pub struct Options {
+    pub config_toml: String,
+    /// Use these directories instead of fresh ones (to restart on the same
+    /// state, or to collide with another daemon on purpose).
+    pub socket: Option<PathBuf>,
+    pub root: Option<PathBuf>,
+    pub state: Option<PathBuf>,
+}
+
+impl TestDaemon {
+    pub fn start() -> TestDaemon {
+        Self::start_with(Options::default())
+    }
+
+    pub fn start_with(options: Options) -> TestDaemon {
+        let mut daemon = Self::spawn(options);
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// Starts the daemon without waiting for it to listen.
+    pub fn spawn(options: Options) -> TestDaemon {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-it-")
+            .tempdir()
+            .expect("create test dir");
+        let socket = options
+            .socket
+            .unwrap_or_else(|| dir.path().join("berth.sock"));
+        let root = options.root.unwrap_or_else(|| dir.path().join("root"));
+        let state = options.state.unwrap_or_else(|| dir.path().join("state"));
+        let config = dir.path().join("etc/config.toml");
+        std::fs::create_dir_all(config.parent().expect("config has a parent")).expect("mkdir etc");
+        std::fs::write(&config, &options.config_toml).expect("write config");
+        let log = dir.path().join("daemon.log");
+        let child = Command::new(berth_bin())
+            .arg("--config")
+            .arg(&config)
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--root")
+            .arg(&root)
+            .arg("--state")
+            .arg(&state)
+            .arg("--log-level")
+            .arg("debug")
+            .stdin(Stdio::null())
+            .stdout(File::create(&log).expect("create log"))
+            .stderr(File::create(&log).expect("create log"))
+            .spawn()
+            .expect("spawn berth serve");
+        TestDaemon {
+            child: Some(child),
+            dir,
+            socket,
+            root,
+            state,
+            config,
+            log,
+        }
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child_mut().try_wait().expect("poll daemon") {
+                panic!(
+                    "berth serve exited with {status} before listening:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "berth serve did not listen within {START_TIMEOUT:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("daemon is running")
+    }
+
+    pub fn pid(&self) -> Pid {
+        let id = self.child.as_ref().expect("daemon is running").id();
+        Pid::from_raw(i32::try_from(id).expect("pid fits i32"))
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(self.pid(), signal).expect("signal daemon");
+    }
+
+    /// Waits up to `limit` for the daemon to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child_mut().try_wait().expect("poll daemon") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM, then the exit status (SIGKILL if it does not exit in 10 s).
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(Signal::SIGTERM);
+        match self.wait_exit(Duration::from_secs(10)) {
+            Some(status) => status,
+            None => {
+                let _ = self.child_mut().kill();
+                panic!("berth serve ignored SIGTERM for 10 s:\n{}", self.log());
+            }
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        connect(&self.socket).await
+    }
+
+    pub async fn runtime(&self) -> RuntimeServiceClient<Channel> {
+        RuntimeServiceClient::new(self.channel().await)
+    }
+
+    pub async fn images(&self) -> ImageServiceClient<Channel> {
+        ImageServiceClient::new(self.channel().await)
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A gRPC channel over the unix socket at `path`.
+pub async fn connect(path: &Path) -> Channel {
+    let path = path.to_path_buf();
+    // The URI is required by tonic but unused: the connector dials the socket.
+    Endpoint::from_static("http://[::]:50051")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .expect("connect to berth socket")
+}
+
+/// Runs `berth` with `args` to completion: (status, stdout, stderr).
+pub fn run_berth(args: &[&str]) -> (ExitStatus, String, String) {
+    let out = Command::new(berth_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run berth");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,441 @@
+//! The daemon as an operator meets it: start, runtime-wide RPCs, config
+//! errors, locks, shutdown.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::{Options, TestDaemon, run_berth};
+use k8s_cri::v1::*;
+use nix::sys::signal::Signal;
+
+#[tokio::test]
+async fn version_names_berth_and_cri_v1() {
+    let daemon = TestDaemon::start();
+    let version = daemon
+        .runtime()
+        .await
+        .version(VersionRequest::default())
+        .await
+        .expect("Version")
+        .into_inner();
+    assert_eq!(version.runtime_name, "berth");
+    assert_eq!(version.runtime_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(version.runtime_api_version, "v1");
+    assert_eq!(version.version, "0.1.0");
+}
+
+#[tokio::test]
+async fn status_reports_both_conditions_and_verbose_config() {
+    let daemon = TestDaemon::start_with(Options {
+        // A CNI dir of its own, so the host's CNI setup cannot change the answer.
+        config_toml:
+            "[network]\nmode = \"cni\"\ncni_conf_dir = \"/nonexistent/berth-test/net.d\"\n".into(),
+        ..Options::default()
+    });
+    let status = daemon
+        .runtime()
+        .await
+        .status(StatusRequest { verbose: true })
+        .await
+        .expect("Status")
+        .into_inner();
+    let conditions = status.status.expect("status").conditions;
+    let runtime = conditions
+        .iter()
+        .find(|c| c.r#type == "RuntimeReady")
+        .expect("RuntimeReady");
+    assert!(runtime.status, "{runtime:?}");
+    let network = conditions
+        .iter()
+        .find(|c| c.r#type == "NetworkReady")
+        .expect("NetworkReady");
+    assert!(!network.status);
+    assert_eq!(network.reason, "NetworkPluginNotReady");
+    assert!(
+        network.message.contains("/nonexistent/berth-test/net.d"),
+        "{}",
+        network.message
+    );
+
+    let config: serde_json::Value =
+        serde_json::from_str(status.info.get("config").expect("config in info"))
+            .expect("config is JSON");
+    assert_eq!(config["root"], daemon.root.display().to_string());
+    assert_eq!(config["network"]["mode"], "cni");
+
+    let terse = daemon
+        .runtime()
+        .await
+        .status(StatusRequest { verbose: false })
+        .await
+        .expect("Status")
+        .into_inner();
+    assert!(terse.info.is_empty(), "{:?}", terse.info);
+}
+
+#[tokio::test]
+async fn status_network_ready_with_a_cni_config_and_its_plugins() {
+    let daemon_dir = tempfile::tempdir().expect("tempdir");
+    let conf = daemon_dir.path().join("net.d");
+    let bin = daemon_dir.path().join("bin");
+    std::fs::create_dir_all(&conf).expect("mkdir");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    std::fs::write(
+        conf.join("10-test.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"test","plugins":[{"type":"bridge"}]}"#,
+    )
+    .expect("write conflist");
+    let plugin = bin.join("bridge");
+    std::fs::write(&plugin, "#!/bin/sh\nexit 1\n").expect("write plugin");
+    std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let daemon = TestDaemon::start_with(Options {
+        config_toml: format!(
+            "[network]\ncni_conf_dir = \"{}\"\ncni_bin_dirs = [\"{}\"]\n",
+            conf.display(),
+            bin.display()
+        ),
+        ..Options::default()
+    });
+    let status = daemon
+        .runtime()
+        .await
+        .status(StatusRequest::default())
+        .await
+        .expect("Status")
+        .into_inner();
+    let network = status
+        .status
+        .expect("status")
+        .conditions
+        .into_iter()
+        .find(|c| c.r#type == "NetworkReady")
+        .expect("NetworkReady");
+    assert!(network.status, "{network:?}");
+}
+
+#[tokio::test]
+async fn runtime_config_reports_the_configured_cgroup_driver() {
+    for (driver, expected) in [
+        ("cgroupfs", CgroupDriver::Cgroupfs),
+        ("systemd", CgroupDriver::Systemd),
+    ] {
+        let daemon = TestDaemon::start_with(Options {
+            config_toml: format!("cgroup_driver = \"{driver}\"\n"),
+            ..Options::default()
+        });
+        let config = daemon
+            .runtime()
+            .await
+            .runtime_config(RuntimeConfigRequest::default())
+            .await
+            .expect("RuntimeConfig")
+            .into_inner();
+        assert_eq!(
+            config.linux.expect("linux").cgroup_driver,
+            expected as i32,
+            "{driver}"
+        );
+    }
+}
+
+fn cidr_request(cidr: &str) -> UpdateRuntimeConfigRequest {
+    UpdateRuntimeConfigRequest {
+        runtime_config: Some(RuntimeConfig {
+            network_config: Some(NetworkConfig {
+                pod_cidr: cidr.to_string(),
+            }),
+        }),
+    }
+}
+
+async fn reported_pod_cidrs(daemon: &TestDaemon) -> Vec<String> {
+    let status = daemon
+        .runtime()
+        .await
+        .status(StatusRequest { verbose: true })
+        .await
+        .expect("Status")
+        .into_inner();
+    serde_json::from_str(status.info.get("podCIDRs").expect("podCIDRs in info")).expect("JSON list")
+}
+
+#[tokio::test]
+async fn update_runtime_config_keeps_the_pod_cidr_across_restarts() {
+    let mut daemon = TestDaemon::start();
+    assert_eq!(reported_pod_cidrs(&daemon).await, vec!["10.88.0.0/16"]);
+    let mut client = daemon.runtime().await;
+    client
+        .update_runtime_config(cidr_request("10.244.1.0/24,fd00:1::/64"))
+        .await
+        .expect("UpdateRuntimeConfig");
+    assert_eq!(
+        reported_pod_cidrs(&daemon).await,
+        vec!["10.244.1.0/24", "fd00:1::/64"]
+    );
+
+    // Empty keeps what was set; garbage is refused and changes nothing.
+    client
+        .update_runtime_config(cidr_request(""))
+        .await
+        .expect("empty");
+    let err = client
+        .update_runtime_config(cidr_request("10.244.1.0"))
+        .await
+        .expect_err("not a CIDR");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("pod_cidr"), "{}", err.message());
+    assert_eq!(
+        reported_pod_cidrs(&daemon).await,
+        vec!["10.244.1.0/24", "fd00:1::/64"]
+    );
+
+    assert!(daemon.stop().success());
+    let restarted = TestDaemon::start_with(Options {
+        root: Some(daemon.root.clone()),
+        state: Some(daemon.state.clone()),
+        ..Options::default()
+    });
+    assert_eq!(
+        reported_pod_cidrs(&restarted).await,
+        vec!["10.244.1.0/24", "fd00:1::/64"]
+    );
+}
+
+#[tokio::test]
+async fn rpcs_not_built_yet_answer_unimplemented() {
+    let daemon = TestDaemon::start();
+    let mut runtime = daemon.runtime().await;
+    let mut images = daemon.images().await;
+    let errors = [
+        runtime
+            .run_pod_sandbox(RunPodSandboxRequest::default())
+            .await
+            .expect_err("RunPodSandbox"),
+        runtime
+            .list_containers(ListContainersRequest::default())
+            .await
+            .expect_err("ListContainers"),
+        runtime
+            .exec_sync(ExecSyncRequest::default())
+            .await
+            .expect_err("ExecSync"),
+        runtime
+            .checkpoint_container(CheckpointContainerRequest::default())
+            .await
+            .expect_err("CheckpointContainer"),
+        images
+            .pull_image(PullImageRequest::default())
+            .await
+            .expect_err("PullImage"),
+        images
+            .list_images(ListImagesRequest::default())
+            .await
+            .expect_err("ListImages"),
+    ];
+    for err in errors {
+        assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
+        assert!(
+            err.message().contains("berth"),
+            "a sentence, not a bare code: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn sigterm_exits_zero_within_two_seconds_and_removes_the_socket() {
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        let mut daemon = TestDaemon::start();
+        daemon.signal(signal);
+        // The 2 s bound is the behaviour kubelet and init systems rely on.
+        let status = daemon.wait_exit(Duration::from_secs(2));
+        let status =
+            status.unwrap_or_else(|| panic!("still running 2 s after {signal}:\n{}", daemon.log()));
+        assert!(status.success(), "{signal}: {status}\n{}", daemon.log());
+        assert!(!daemon.socket.exists(), "socket left behind after {signal}");
+    }
+}
+
+#[test]
+fn socket_is_created_with_mode_0660_in_created_parent_dirs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("a/b/berth.sock");
+    let daemon = TestDaemon::start_with(Options {
+        socket: Some(socket.clone()),
+        ..Options::default()
+    });
+    let mode = std::fs::metadata(&daemon.socket)
+        .expect("socket exists")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o660);
+}
+
+#[test]
+fn second_daemon_on_the_same_socket_refuses_to_start() {
+    let first = TestDaemon::start();
+    let mut second = TestDaemon::spawn(Options {
+        socket: Some(first.socket.clone()),
+        ..Options::default()
+    });
+    let status = second
+        .wait_exit(Duration::from_secs(10))
+        .expect("second daemon exits");
+    assert!(!status.success());
+    let log = second.log();
+    assert!(
+        log.contains("another berth daemon") && log.contains(&first.socket.display().to_string()),
+        "{log}"
+    );
+    // The first one still serves.
+    assert!(std::os::unix::net::UnixStream::connect(&first.socket).is_ok());
+}
+
+#[test]
+fn second_daemon_on_the_same_root_refuses_to_start() {
+    let first = TestDaemon::start();
+    let mut second = TestDaemon::spawn(Options {
+        root: Some(first.root.clone()),
+        ..Options::default()
+    });
+    let status = second
+        .wait_exit(Duration::from_secs(10))
+        .expect("second daemon exits");
+    assert!(!status.success());
+    let log = second.log();
+    assert!(
+        log.contains("another berth daemon") && log.contains(&first.root.display().to_string()),
+        "{log}"
+    );
+}
+
+#[test]
+fn stale_socket_left_by_a_killed_daemon_is_replaced() {
+    let mut first = TestDaemon::start();
+    first.signal(Signal::SIGKILL);
+    first
+        .wait_exit(Duration::from_secs(10))
+        .expect("killed daemon exits");
+    assert!(first.socket.exists(), "SIGKILL leaves the socket file");
+    let second = TestDaemon::start_with(Options {
+        socket: Some(first.socket.clone()),
+        root: Some(first.root.clone()),
+        state: Some(first.state.clone()),
+        ..Options::default()
+    });
+    assert!(std::os::unix::net::UnixStream::connect(&second.socket).is_ok());
+}
+
+#[test]
+fn bad_config_makes_serve_exit_nonzero_with_one_line_naming_file_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        (
+            "config.toml",
+            "root = \"/tmp/x\"\nbogus_key = 1\n",
+            "`bogus_key`",
+        ),
+        (
+            "config.toml",
+            "[network]\npod_cidr = \"banana\"\n",
+            "`network.pod_cidr`",
+        ),
+        ("config.toml", "log_level = \"loud\"\n", "`log_level`"),
+    ];
+    for (name, text, key) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write config");
+        let socket = dir.path().join("never.sock");
+        let (status, stdout, stderr) = run_berth(&[
+            "--config",
+            path.to_str().expect("utf-8 path"),
+            "serve",
+            "--socket",
+            socket.to_str().expect("utf-8 path"),
+        ]);
+        assert!(!status.success(), "{text}");
+        assert!(stdout.is_empty(), "{stdout}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "one line: {stderr}");
+        assert!(
+            lines[0].contains(&path.display().to_string()) && lines[0].contains(key),
+            "{stderr}"
+        );
+        assert!(!socket.exists(), "a refused config starts nothing");
+    }
+}
+
+#[test]
+fn drop_in_errors_name_the_drop_in() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let main = dir.path().join("config.toml");
+    std::fs::write(&main, "log_level = \"debug\"\n").expect("write");
+    std::fs::create_dir(dir.path().join("config.d")).expect("mkdir");
+    let dropin = dir.path().join("config.d/50-bad.toml");
+    std::fs::write(&dropin, "cgroup_driver = 7\n").expect("write");
+    let (status, _, stderr) = run_berth(&["--config", main.to_str().expect("utf-8"), "config"]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains(&dropin.display().to_string()) && stderr.contains("`cgroup_driver`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn config_command_prints_the_effective_config_with_flags_applied() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let main = dir.path().join("config.toml");
+    std::fs::write(&main, "cgroup_driver = \"systemd\"\n").expect("write");
+    let (status, stdout, stderr) = run_berth(&[
+        "--config",
+        main.to_str().expect("utf-8"),
+        "config",
+        "--root",
+        "/srv/berth",
+        "--state",
+        "/run/berth-test",
+    ]);
+    assert!(status.success(), "{stderr}");
+    let printed: toml::Table = stdout.parse().expect("prints TOML");
+    assert_eq!(printed["root"].as_str(), Some("/srv/berth"));
+    assert_eq!(
+        printed["socket"].as_str(),
+        Some("/run/berth-test/berth.sock")
+    );
+    assert_eq!(printed["cgroup_driver"].as_str(), Some("systemd"));
+    assert!(printed["network"]["pod_cidr"].is_str());
+}
+
+#[test]
+fn check_prints_a_line_per_requirement_and_fails_only_on_missing_ones() {
+    let (status, stdout, _) = run_berth(&["check", "--root", "/nonexistent/berth-check"]);
+    let lines: Vec<&str> = stdout.lines().collect();
+    for name in [
+        "overlayfs",
+        "namespace user",
+        "cgroups",
+        "seccomp",
+        "apparmor",
+        "cni",
+        "disk space",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.contains(name)),
+            "{name} missing from:\n{stdout}"
+        );
+    }
+    for line in &lines {
+        let word = line.split_whitespace().next().unwrap_or_default();
+        assert!(["ok", "missing", "optional"].contains(&word), "{line}");
+    }
+    let any_missing = lines.iter().any(|l| l.starts_with("missing"));
+    assert_eq!(status.success(), !any_missing, "{stdout}");
+}
+
+#[test]
+fn version_command_prints_the_version() {
+    let (status, stdout, _) = run_berth(&["version"]);
+    assert!(status.success());
+    assert!(stdout.contains(env!("CARGO_PKG_VERSION")), "{stdout}");
+}
