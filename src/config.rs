@@ -49,6 +49,11 @@ pub struct Config {
     pub log_format: LogFormat,
     pub cgroup_driver: CgroupDriver,
     pub network: NetworkConfig,
+    pub image: ImageConfig,
+    /// Per-registry settings and mirrors, as `[[registry]]` tables with the
+    /// semantics of containers-registries.conf v2.
+    #[serde(rename = "registry")]
+    pub registries: Vec<RegistryConfig>,
 }
 
 impl Default for Config {
@@ -61,6 +66,8 @@ impl Default for Config {
             log_format: LogFormat::Text,
             cgroup_driver: CgroupDriver::Cgroupfs,
             network: NetworkConfig::default(),
+            image: ImageConfig::default(),
+            registries: Vec::new(),
         }
     }
 }
@@ -119,6 +126,77 @@ impl Default for NetworkConfig {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImageConfig {
+    /// A docker-style `auth.json` (`{"auths": {"host": {"auth": "..."}}}`)
+    /// with registry credentials. Empty means none.
+    pub auth_file: PathBuf,
+    /// Layers downloaded at once for one pull.
+    pub max_concurrent_downloads: usize,
+    /// A pull that receives no bytes for this long is cancelled, as
+    /// containerd's `image_pull_progress_timeout`.
+    pub pull_progress_timeout_secs: u64,
+    /// Talk plain HTTP to registries on loopback addresses (`localhost`,
+    /// `127.0.0.0/8`, `[::1]`). Other registries need `insecure = true`.
+    pub insecure_loopback: bool,
+}
+
+impl Default for ImageConfig {
+    fn default() -> Self {
+        ImageConfig {
+            auth_file: PathBuf::new(),
+            max_concurrent_downloads: 3,
+            pull_progress_timeout_secs: 300,
+            insecure_loopback: false,
+        }
+    }
+}
+
+/// One `[[registry]]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Which images this table is for: a host (`docker.io`), a host and
+    /// repository prefix (`docker.io/library`), or `*.example.com`. Empty
+    /// means the same as `location`.
+    #[serde(default)]
+    pub prefix: String,
+    /// Where those images really are; the matched prefix is replaced by it.
+    #[serde(default)]
+    pub location: String,
+    /// Speak plain HTTP to the location instead of verified HTTPS.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Refuse to pull from the upstream location; mirrors are still used.
+    #[serde(default)]
+    pub blocked: bool,
+    /// Tried in order before the upstream location.
+    #[serde(default)]
+    pub mirror: Vec<MirrorConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    pub location: String,
+    #[serde(default)]
+    pub insecure: bool,
+    #[serde(default, rename = "pull-from-mirror")]
+    pub pull_from_mirror: PullFromMirror,
+}
+
+/// Which pulls a mirror serves: every one, only by digest (the content is
+/// then verified whoever serves it), or only by tag.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullFromMirror {
+    #[default]
+    All,
+    DigestOnly,
+    TagOnly,
+}
+
 /// `auto` uses CNI when a CNI configuration exists and the built-in network
 /// otherwise, as a fresh node with nothing installed expects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,7 +229,7 @@ impl Origins {
             if let Some(path) = self.0.get(probe) {
                 return path.display().to_string();
             }
-            match probe.rfind('.') {
+            match probe.rfind(['.', '[']) {
                 Some(dot) => probe = &probe[..dot],
                 None => return "(defaults and flags)".to_string(),
             }
@@ -256,6 +334,57 @@ impl Config {
                 "network.cni_bin_dirs",
                 format!("{} is not an absolute path", dir.display()),
             ));
+        }
+        if self.image.max_concurrent_downloads == 0 || self.image.max_concurrent_downloads > 64 {
+            return Err(invalid(
+                "image.max_concurrent_downloads",
+                format!(
+                    "{} is not between 1 and 64",
+                    self.image.max_concurrent_downloads
+                ),
+            ));
+        }
+        if self.image.pull_progress_timeout_secs == 0 {
+            return Err(invalid(
+                "image.pull_progress_timeout_secs",
+                "must be at least 1".to_string(),
+            ));
+        }
+        if !self.image.auth_file.as_os_str().is_empty() && !self.image.auth_file.is_absolute() {
+            return Err(invalid(
+                "image.auth_file",
+                format!("{} is not an absolute path", self.image.auth_file.display()),
+            ));
+        }
+        for (i, registry) in self.registries.iter().enumerate() {
+            if registry.prefix.is_empty() && registry.location.is_empty() {
+                return Err(invalid(
+                    &format!("registry[{i}]"),
+                    "needs a `prefix` or a `location`".to_string(),
+                ));
+            }
+            let bad_location =
+                |l: &str| l.contains("://") || l.starts_with('/') || l.ends_with('/');
+            if bad_location(&registry.location) {
+                return Err(invalid(
+                    &format!("registry[{i}].location"),
+                    format!(
+                        "{:?} must be host[:port][/path], without a scheme",
+                        registry.location
+                    ),
+                ));
+            }
+            for (j, mirror) in registry.mirror.iter().enumerate() {
+                if mirror.location.is_empty() || bad_location(&mirror.location) {
+                    return Err(invalid(
+                        &format!("registry[{i}].mirror[{j}].location"),
+                        format!(
+                            "{:?} must be host[:port][/path], without a scheme",
+                            mirror.location
+                        ),
+                    ));
+                }
+            }
         }
         if self.network.pod_cidr.prefix_len() + 2 > self.network.pod_cidr.max_prefix_len() {
             return Err(invalid(
@@ -517,6 +646,37 @@ mod tests {
             .expect_err("bad cidr")
             .to_string();
         assert!(text.contains("`network.pod_cidr`"), "{text}");
+    }
+
+    #[test]
+    fn registry_tables_parse_and_bad_mirrors_name_their_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let main = write(
+            dir.path(),
+            "config.toml",
+            "[[registry]]\nprefix = \"docker.io\"\nlocation = \"docker.io\"\n\
+             [[registry.mirror]]\nlocation = \"127.0.0.1:5000\"\ninsecure = true\n\
+             pull-from-mirror = \"digest-only\"\n",
+        );
+        let config = Config::load(&main, true, &Overrides::default()).expect("loads");
+        assert_eq!(config.registries.len(), 1);
+        assert_eq!(
+            config.registries[0].mirror[0].pull_from_mirror,
+            PullFromMirror::DigestOnly
+        );
+
+        let main = write(
+            dir.path(),
+            "config.toml",
+            "[[registry]]\nprefix = \"docker.io\"\n[[registry.mirror]]\nlocation = \"https://m\"\n",
+        );
+        let text = Config::load(&main, true, &Overrides::default())
+            .expect_err("scheme in mirror")
+            .to_string();
+        assert!(
+            text.contains("config.toml") && text.contains("`registry[0].mirror[0].location`"),
+            "{text}"
+        );
     }
 
     #[test]

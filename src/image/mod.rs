@@ -4,3 +4,4 @@
 pub mod content;
 pub mod digest;
 pub mod reference;
+pub mod unpack;

@@ -15,7 +15,9 @@
 //! outside. This is what containerd does (`fs.RootPath`) and what image
 //! builders expect, since absolute symlinks inside images are normal
 //! (`/etc/alternatives`, `/usr/lib` merges); `BENEATH` would fail such
-//! layers with EXDEV although nothing escapes.
+//! layers with EXDEV although nothing escapes. Likewise, a missing parent
+//! behind a dangling symlink is created where the symlink points, inside
+//! the layer, as containerd's scoped `MkdirAll` does.
 //!
 //! Entry names with a `..` component are refused rather than clamped, and
 //! absolute names are taken relative to the layer root. The function is
@@ -151,7 +153,10 @@ pub fn unpack_layer(
     limits: &Limits,
 ) -> Result<UnpackResult, UnpackError> {
     let mut layer = LayerDir::open(dest)?;
-    let mut meter = Meter::new(stream::decoder(reader, compression)?, limits.max_uncompressed_bytes);
+    let mut meter = Meter::new(
+        stream::decoder(reader, compression)?,
+        limits.max_uncompressed_bytes,
+    );
     let applied = apply_entries(&mut meter, &mut layer, limits).and_then(|entries| {
         meter.drain()?;
         Ok(entries)
@@ -173,7 +178,10 @@ fn apply_entries<R: Read>(
 ) -> Result<u64, UnpackError> {
     let mut archive = tar::Archive::new(&mut *meter);
     let mut count = 0u64;
-    for entry in archive.entries().map_err(|error| UnpackError::Tar { error })? {
+    for entry in archive
+        .entries()
+        .map_err(|error| UnpackError::Tar { error })?
+    {
         let mut entry = entry.map_err(|error| UnpackError::Tar { error })?;
         count += 1;
         if count > limits.max_entries {
@@ -205,17 +213,48 @@ mod media_type_tests {
     fn oci_and_docker_media_types_map_to_their_compression() {
         for (media_type, expected) in [
             ("application/vnd.oci.image.layer.v1.tar", Compression::None),
-            ("application/vnd.oci.image.layer.v1.tar+gzip", Compression::Gzip),
-            ("application/vnd.oci.image.layer.v1.tar+zstd", Compression::Zstd),
-            ("application/vnd.oci.image.layer.nondistributable.v1.tar", Compression::None),
-            ("application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", Compression::Gzip),
-            ("application/vnd.oci.image.layer.nondistributable.v1.tar+zstd", Compression::Zstd),
-            ("application/vnd.docker.image.rootfs.diff.tar.gzip", Compression::Gzip),
-            ("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip", Compression::Gzip),
-            ("application/vnd.docker.image.rootfs.diff.tar", Compression::None),
-            ("application/vnd.docker.image.rootfs.diff.tar.zstd", Compression::Zstd),
+            (
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+                Compression::Gzip,
+            ),
+            (
+                "application/vnd.oci.image.layer.v1.tar+zstd",
+                Compression::Zstd,
+            ),
+            (
+                "application/vnd.oci.image.layer.nondistributable.v1.tar",
+                Compression::None,
+            ),
+            (
+                "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+                Compression::Gzip,
+            ),
+            (
+                "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+                Compression::Zstd,
+            ),
+            (
+                "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                Compression::Gzip,
+            ),
+            (
+                "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+                Compression::Gzip,
+            ),
+            (
+                "application/vnd.docker.image.rootfs.diff.tar",
+                Compression::None,
+            ),
+            (
+                "application/vnd.docker.image.rootfs.diff.tar.zstd",
+                Compression::Zstd,
+            ),
         ] {
-            assert_eq!(Compression::from_media_type(media_type).ok(), Some(expected), "{media_type}");
+            assert_eq!(
+                Compression::from_media_type(media_type).ok(),
+                Some(expected),
+                "{media_type}"
+            );
         }
     }
 

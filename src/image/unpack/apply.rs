@@ -17,9 +17,9 @@ use rustix::fs::{
 use rustix::io::Errno;
 use tar::EntryType;
 
-use super::{UnpackError, os_errno};
 use super::meta::{Meta, Xattr};
 use super::path::{EntryPath, NameError};
+use super::{UnpackError, os_errno};
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 /// AUFS' own bookkeeping files (`.wh..wh.plnk`, `.wh..wh.aufs`, ...) start
@@ -41,6 +41,10 @@ const RESOLVE: ResolveFlags = ResolveFlags::IN_ROOT
 /// so a few retries are plenty.
 const OPENAT2_RETRIES: usize = 8;
 
+/// As the kernel's MAXSYMLINKS: how many dangling symlinks `make_dirs`
+/// follows for one path before calling it a loop.
+const MAX_SYMLINK_HOPS: u32 = 40;
+
 const DIR_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
     .union(OFlags::CLOEXEC);
@@ -55,12 +59,11 @@ pub(super) struct LayerDir {
 
 impl LayerDir {
     pub(super) fn open(dest: &Path) -> Result<LayerDir, UnpackError> {
-        let root = rfs::open(dest, DIR_FLAGS, Mode::empty()).map_err(|errno| {
-            UnpackError::OpenDest {
+        let root =
+            rfs::open(dest, DIR_FLAGS, Mode::empty()).map_err(|errno| UnpackError::OpenDest {
                 path: dest.to_path_buf(),
                 errno: os_errno(errno),
-            }
-        })?;
+            })?;
         Ok(LayerDir {
             root,
             dir_times: Vec::new(),
@@ -69,7 +72,10 @@ impl LayerDir {
 
     /// Applies one entry. Its contents, if it has any we use, are read here;
     /// the tar parser skips whatever is left.
-    pub(super) fn apply<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), UnpackError> {
+    pub(super) fn apply<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+    ) -> Result<(), UnpackError> {
         let raw = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw).into_owned();
         let mut kind = entry.header().entry_type();
@@ -87,7 +93,10 @@ impl LayerDir {
 
         let Some((parent, name)) = path.split() else {
             if !kind.is_dir() {
-                return Err(invalid(&shown, "names the layer root but is not a directory"));
+                return Err(invalid(
+                    &shown,
+                    "names the layer root but is not a directory",
+                ));
             }
             return self.root_dir(&path, &meta, &shown);
         };
@@ -178,7 +187,7 @@ impl LayerDir {
     }
 
     fn hardlink<R: Read>(
-        &mut self,
+        &self,
         dir: &OwnedFd,
         name: &OsStr,
         path: &EntryPath,
@@ -204,7 +213,10 @@ impl LayerDir {
         let missing = || {
             invalid(
                 shown,
-                &format!("hardlink target {:?} does not exist in the layer", target.as_path()),
+                &format!(
+                    "hardlink target {:?} does not exist in the layer",
+                    target.as_path()
+                ),
             )
         };
         // The target is resolved in the layer root like every entry path: a
@@ -225,7 +237,7 @@ impl LayerDir {
 
     /// `.wh..wh..opq`: the directory that holds it hides everything lower
     /// layers have in it.
-    fn opaque(&mut self, parent: &Path, shown: &str) -> Result<(), UnpackError> {
+    fn opaque(&self, parent: &Path, shown: &str) -> Result<(), UnpackError> {
         let dir = self.ensure_dir(parent, shown)?;
         rfs::fsetxattr(&dir, OPAQUE_XATTR, b"y", XattrFlags::empty())
             .map_err(sys(shown, "set trusted.overlay.opaque"))
@@ -233,23 +245,49 @@ impl LayerDir {
 
     /// `.wh.<name>`: an overlay whiteout, a 0/0 character device named
     /// `<name>`, hides `<name>` of lower layers.
-    fn whiteout(&mut self, parent: &Path, hidden: &OsStr, meta: &Meta, shown: &str) -> Result<(), UnpackError> {
+    fn whiteout(
+        &self,
+        parent: &Path,
+        hidden: &OsStr,
+        meta: &Meta,
+        shown: &str,
+    ) -> Result<(), UnpackError> {
         match hidden.as_bytes() {
             b"" | b"." => return Err(invalid(shown, "whiteout names no file")),
-            b".." => return Err(UnpackError::Escape { entry: shown.to_string() }),
+            b".." => {
+                return Err(UnpackError::Escape {
+                    entry: shown.to_string(),
+                });
+            }
             _ => {}
         }
         let dir = self.ensure_dir(parent, shown)?;
         clear(&dir, hidden, false, shown)?;
-        rfs::mknodat(&dir, hidden, FileType::CharacterDevice, Mode::empty(), rfs::makedev(0, 0))
-            .map_err(sys(shown, "create whiteout"))?;
-        rfs::chownat(&dir, hidden, Some(meta.uid), Some(meta.gid), AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(sys(shown, "chown whiteout"))
+        rfs::mknodat(
+            &dir,
+            hidden,
+            FileType::CharacterDevice,
+            Mode::empty(),
+            rfs::makedev(0, 0),
+        )
+        .map_err(sys(shown, "create whiteout"))?;
+        rfs::chownat(
+            &dir,
+            hidden,
+            Some(meta.uid),
+            Some(meta.gid),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(sys(shown, "chown whiteout"))
     }
 
     /// Opens directory `rel` of the layer, resolved in the layer root.
     fn open_dir(&self, rel: &Path) -> Result<OwnedFd, Errno> {
-        let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+        let rel = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
         for _ in 0..OPENAT2_RETRIES {
             match rfs::openat2(&self.root, rel, DIR_FLAGS, Mode::empty(), RESOLVE) {
                 Err(Errno::AGAIN) => continue,
@@ -266,26 +304,58 @@ impl LayerDir {
             Err(Errno::NOENT) => {}
             result => return result.map_err(sys(shown, "open parent directory")),
         }
+        let mut hops = 0;
+        self.make_dirs(rel, &mut hops)
+            .map_err(|(op, errno)| sys(shown, op)(errno))
+    }
+
+    /// Creates the missing directories of `path`, which is resolved in the
+    /// root like any other. A dangling symlink on the way gets its target
+    /// made, so the path then resolves through it, as containerd's scoped
+    /// `MkdirAll` does; its target is again scoped to the layer root.
+    fn make_dirs(&self, path: &Path, hops: &mut u32) -> Result<OwnedFd, (&'static str, Errno)> {
         let mut done = PathBuf::new();
-        let mut dir = self.open_dir(&done).map_err(sys(shown, "open layer root"))?;
-        for component in rel.components() {
-            let name = component.as_os_str();
-            done.push(name);
+        let mut dir = self
+            .open_dir(&done)
+            .map_err(|errno| ("open layer root", errno))?;
+        for component in path.components() {
+            done.push(component);
             dir = match self.open_dir(&done) {
                 Ok(next) => next,
                 Err(Errno::NOENT) => {
                     // `dir` is `done`'s parent as resolved in the root, and
-                    // `name` is a plain name: creating it there is safe. A
-                    // dangling symlink in the way gives EEXIST.
-                    rfs::mkdirat(&dir, name, Mode::from_raw_mode(0o755))
-                        .map_err(sys(shown, "create parent directory"))?;
-                    let next = rfs::openat(&dir, name, DIR_FLAGS | OFlags::NOFOLLOW, Mode::empty())
-                        .map_err(sys(shown, "open parent directory"))?;
-                    // The umask must not decide the mode.
-                    rfs::fchmod(&next, Mode::from_raw_mode(0o755)).map_err(sys(shown, "chmod parent directory"))?;
-                    next
+                    // the component is a plain name: only such a name can be
+                    // missing.
+                    let name = component.as_os_str();
+                    match rfs::mkdirat(&dir, name, Mode::from_raw_mode(0o755)) {
+                        Ok(()) => {
+                            let next = rfs::openat(
+                                &dir,
+                                name,
+                                DIR_FLAGS | OFlags::NOFOLLOW,
+                                Mode::empty(),
+                            )
+                            .map_err(|errno| ("open parent directory", errno))?;
+                            // The umask must not decide the mode.
+                            rfs::fchmod(&next, Mode::from_raw_mode(0o755))
+                                .map_err(|errno| ("chmod parent directory", errno))?;
+                            next
+                        }
+                        // Missing yet present: a dangling symlink.
+                        Err(Errno::EXIST) => {
+                            *hops += 1;
+                            if *hops > MAX_SYMLINK_HOPS {
+                                return Err(("create parent directory", Errno::LOOP));
+                            }
+                            let target = rfs::readlinkat(&dir, name, Vec::new())
+                                .map_err(|errno| ("read symlink in parent path", errno))?;
+                            let base = done.parent().unwrap_or(Path::new(""));
+                            self.make_dirs(&base.join(OsStr::from_bytes(target.as_bytes())), hops)?
+                        }
+                        Err(errno) => return Err(("create parent directory", errno)),
+                    }
                 }
-                Err(errno) => return Err(sys(shown, "open parent directory")(errno)),
+                Err(errno) => return Err(("open parent directory", errno)),
             };
         }
         Ok(dir)
@@ -342,11 +412,22 @@ fn symlink<R: Read>(
     }
     clear(dir, name, false, shown)?;
     rfs::symlinkat(OsStr::from_bytes(&target), dir, name).map_err(sys(shown, "symlink"))?;
-    rfs::chownat(dir, name, Some(meta.uid), Some(meta.gid), AtFlags::SYMLINK_NOFOLLOW)
-        .map_err(sys(shown, "lchown"))?;
+    rfs::chownat(
+        dir,
+        name,
+        Some(meta.uid),
+        Some(meta.gid),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(sys(shown, "lchown"))?;
     set_xattrs(Target::At(dir.as_fd(), name), &meta.xattrs, shown)?;
-    rfs::utimensat(dir, name, &timestamps(meta.mtime), AtFlags::SYMLINK_NOFOLLOW)
-        .map_err(sys(shown, "set modification time"))
+    rfs::utimensat(
+        dir,
+        name,
+        &timestamps(meta.mtime),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(sys(shown, "set modification time"))
 }
 
 /// Character and block devices and fifos.
@@ -372,16 +453,28 @@ fn special<R: Read>(
         _ => (FileType::Fifo, 0),
     };
     clear(dir, name, false, shown)?;
-    rfs::mknodat(dir, name, file_type, Mode::from_raw_mode(0o600), dev).map_err(sys(shown, "mknod"))?;
-    rfs::chownat(dir, name, Some(meta.uid), Some(meta.gid), AtFlags::SYMLINK_NOFOLLOW)
-        .map_err(sys(shown, "chown"))?;
+    rfs::mknodat(dir, name, file_type, Mode::from_raw_mode(0o600), dev)
+        .map_err(sys(shown, "mknod"))?;
+    rfs::chownat(
+        dir,
+        name,
+        Some(meta.uid),
+        Some(meta.gid),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(sys(shown, "chown"))?;
     // There is no fd to fchmod (opening a fifo blocks, a device may do
     // anything) and fchmodat cannot refuse symlinks on older kernels. The
     // name is the node made just above, in a directory only we write to.
     rfs::chmodat(dir, name, meta.mode, AtFlags::empty()).map_err(sys(shown, "chmod"))?;
     set_xattrs(Target::At(dir.as_fd(), name), &meta.xattrs, shown)?;
-    rfs::utimensat(dir, name, &timestamps(meta.mtime), AtFlags::SYMLINK_NOFOLLOW)
-        .map_err(sys(shown, "set modification time"))
+    rfs::utimensat(
+        dir,
+        name,
+        &timestamps(meta.mtime),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(sys(shown, "set modification time"))
 }
 
 /// Makes room for an entry at `name`: an earlier entry of the same layer
@@ -420,9 +513,9 @@ fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> Result<(), Errno> {
     }
     for (child, file_type) in children {
         let file_type = match file_type {
-            FileType::Unknown => {
-                FileType::from_raw_mode(rfs::statat(&fd, &child, AtFlags::SYMLINK_NOFOLLOW)?.st_mode)
-            }
+            FileType::Unknown => FileType::from_raw_mode(
+                rfs::statat(&fd, &child, AtFlags::SYMLINK_NOFOLLOW)?.st_mode,
+            ),
             known => known,
         };
         if file_type == FileType::Directory {
@@ -434,7 +527,11 @@ fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> Result<(), Errno> {
     rfs::unlinkat(dir, name, AtFlags::REMOVEDIR)
 }
 
-fn copy_contents<R: Read>(entry: &mut tar::Entry<'_, R>, file: &mut File, shown: &str) -> Result<u64, UnpackError> {
+fn copy_contents<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    file: &mut File,
+    shown: &str,
+) -> Result<u64, UnpackError> {
     let mut buf = vec![0u8; 128 * 1024];
     let mut total = 0u64;
     loop {

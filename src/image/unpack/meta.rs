@@ -57,10 +57,12 @@ impl Meta {
         // The tar crate applies PAX path, linkpath, size, uid and gid; the
         // rest is ours to read.
         let mut xattrs = Vec::new();
-        let pax = entry.pax_extensions().map_err(|error| UnpackError::Invalid {
-            entry: shown.to_string(),
-            reason: format!("bad pax header: {error}"),
-        })?;
+        let pax = entry
+            .pax_extensions()
+            .map_err(|error| UnpackError::Invalid {
+                entry: shown.to_string(),
+                reason: format!("bad pax header: {error}"),
+            })?;
         for record in pax.into_iter().flatten() {
             let record = record.map_err(|error| UnpackError::Invalid {
                 entry: shown.to_string(),
@@ -123,7 +125,9 @@ fn owner_id(id: u64, what: &str, shown: &str) -> Result<u32, UnpackError> {
 }
 
 pub(super) fn is_overlay_xattr(name: &[u8]) -> bool {
-    OVERLAY_XATTR_PREFIXES.iter().any(|prefix| name.starts_with(prefix))
+    OVERLAY_XATTR_PREFIXES
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
 }
 
 /// Parses a PAX time: decimal seconds since the epoch, optionally negative,
@@ -186,7 +190,16 @@ mod tests {
 
     #[test]
     fn bad_pax_times_are_refused() {
-        for bad in ["", "-", ".5", "1e9", "1.2.3", "abc", "1.x", "99999999999999999999"] {
+        for bad in [
+            "",
+            "-",
+            ".5",
+            "1e9",
+            "1.2.3",
+            "abc",
+            "1.x",
+            "99999999999999999999",
+        ] {
             assert_eq!(time(bad), None, "{bad}");
         }
     }

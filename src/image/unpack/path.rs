@@ -79,7 +79,14 @@ mod tests {
 
     #[test]
     fn dot_dot_anywhere_is_an_escape() {
-        for raw in ["..", "../etc/passwd", "a/../../b", "a/..", "/..", "./a/b/../c"] {
+        for raw in [
+            "..",
+            "../etc/passwd",
+            "a/../../b",
+            "a/..",
+            "/..",
+            "./a/b/../c",
+        ] {
             assert_eq!(parsed(raw), Err(NameError::Escape), "{raw}");
         }
         // Names that merely contain dots are ordinary names.

@@ -127,10 +127,15 @@ pub(super) struct HumanSize(pub(super) u64);
 
 impl fmt::Display for HumanSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [(u64, &str); 4] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+        const UNITS: [(u64, &str); 4] = [
+            (1 << 40, "TiB"),
+            (1 << 30, "GiB"),
+            (1 << 20, "MiB"),
+            (1 << 10, "KiB"),
+        ];
         let n = self.0;
         for (size, unit) in UNITS {
-            if n >= size && n % size == 0 {
+            if n >= size && n.is_multiple_of(size) {
                 return write!(f, "{} {unit}", n / size);
             }
         }
@@ -158,13 +163,17 @@ mod tests {
         let data = vec![7u8; 100];
         let mut meter = Meter::new(&data[..], 100);
         let mut out = Vec::new();
-        meter.read_to_end(&mut out).expect("exactly at the limit is fine");
+        meter
+            .read_to_end(&mut out)
+            .expect("exactly at the limit is fine");
         assert!(meter.at_eof());
         let (digest, size) = meter.finish();
         assert_eq!((digest, size), (Digest::of(&data), 100));
 
         let mut meter = Meter::new(&data[..], 99);
-        let error = meter.read_to_end(&mut Vec::new()).expect_err("over the limit");
+        let error = meter
+            .read_to_end(&mut Vec::new())
+            .expect_err("over the limit");
         assert_eq!(error.to_string(), "layer size limit exceeded");
         let explained = meter.explain(UnpackError::Read { error }, Compression::None);
         assert_eq!(explained.to_string(), "layer exceeds 99 bytes uncompressed");

@@ -53,19 +53,25 @@ impl Layer {
     fn file_owned(mut self, path: &str, data: &[u8], mode: u32, uid: u64, gid: u64) -> Layer {
         let mut header = Layer::header(EntryType::Regular, mode, uid, gid);
         header.set_size(data.len() as u64);
-        self.0.append_data(&mut header, path, data).expect("append file");
+        self.0
+            .append_data(&mut header, path, data)
+            .expect("append file");
         self
     }
 
     fn dir(mut self, path: &str, mode: u32) -> Layer {
         let mut header = Layer::header(EntryType::Directory, mode, 0, 0);
-        self.0.append_data(&mut header, path, &[][..]).expect("append dir");
+        self.0
+            .append_data(&mut header, path, &[][..])
+            .expect("append dir");
         self
     }
 
     fn link(mut self, kind: EntryType, path: &str, target: &str) -> Layer {
         let mut header = Layer::header(kind, 0o777, 0, 0);
-        self.0.append_link(&mut header, path, target).expect("append link");
+        self.0
+            .append_link(&mut header, path, target)
+            .expect("append link");
         self
     }
 
@@ -73,12 +79,16 @@ impl Layer {
         let mut header = Layer::header(kind, 0o620, 0, 5);
         header.set_device_major(major).expect("major");
         header.set_device_minor(minor).expect("minor");
-        self.0.append_data(&mut header, path, &[][..]).expect("append device");
+        self.0
+            .append_data(&mut header, path, &[][..])
+            .expect("append device");
         self
     }
 
     fn pax(mut self, records: &[(&str, &[u8])]) -> Layer {
-        self.0.append_pax_extensions(records.iter().copied()).expect("append pax");
+        self.0
+            .append_pax_extensions(records.iter().copied())
+            .expect("append pax");
         self
     }
 
@@ -126,7 +136,10 @@ impl Scratch {
         for entry in fs::read_dir(self.tmp.path()).expect("read tmp") {
             let name = entry.expect("entry").file_name();
             let name = name.to_string_lossy();
-            assert!(name == "layer" || allowed.contains(&name.as_ref()), "{name} written outside the layer");
+            assert!(
+                name == "layer" || allowed.contains(&name.as_ref()),
+                "{name} written outside the layer"
+            );
         }
     }
 }
@@ -142,7 +155,11 @@ fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
 
 fn assert_whiteout(path: &Path) {
     let meta = fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert!(meta.file_type().is_char_device(), "{} is not a char device", path.display());
+    assert!(
+        meta.file_type().is_char_device(),
+        "{} is not a char device",
+        path.display()
+    );
     assert_eq!(meta.rdev(), 0, "{} is not 0/0", path.display());
 }
 
@@ -156,7 +173,9 @@ fn regular_file_keeps_contents_mode_owner_and_mtime() {
         return;
     }
     let s = Scratch::new();
-    let tar = Layer::new().file_owned("etc/app.conf", b"key = value\n", 0o640, 1234, 5678).finish();
+    let tar = Layer::new()
+        .file_owned("etc/app.conf", b"key = value\n", 0o640, 1234, 5678)
+        .finish();
     let result = s.unpack(&tar).expect("unpack");
     assert_eq!(result.entries, 1);
     let path = s.dest().join("etc/app.conf");
@@ -183,7 +202,13 @@ fn setuid_setgid_and_sticky_bits_are_kept_after_chown() {
         .dir("tmp", 0o1777)
         .finish();
     s.unpack(&tar).expect("unpack");
-    let mode = |p: &str| fs::metadata(s.dest().join(p)).expect(p).permissions().mode() & 0o7777;
+    let mode = |p: &str| {
+        fs::metadata(s.dest().join(p))
+            .expect(p)
+            .permissions()
+            .mode()
+            & 0o7777
+    };
     assert_eq!(mode("bin/su"), 0o4755);
     assert_eq!(mode("bin/wall"), 0o2755);
     assert_eq!(mode("tmp"), 0o1777);
@@ -203,12 +228,24 @@ fn device_nodes_and_fifos_are_created() {
     s.unpack(&tar).expect("unpack");
     let null = fs::symlink_metadata(s.dest().join("dev/null")).expect("null");
     assert!(null.file_type().is_char_device());
-    assert_eq!((rustix::fs::major(null.rdev()), rustix::fs::minor(null.rdev())), (1, 3));
+    assert_eq!(
+        (
+            rustix::fs::major(null.rdev()),
+            rustix::fs::minor(null.rdev())
+        ),
+        (1, 3)
+    );
     assert_eq!(null.permissions().mode() & 0o7777, 0o620);
     assert_eq!(null.gid(), 5);
     let loop7 = fs::symlink_metadata(s.dest().join("dev/loop7")).expect("loop7");
     assert!(loop7.file_type().is_block_device());
-    assert_eq!((rustix::fs::major(loop7.rdev()), rustix::fs::minor(loop7.rdev())), (7, 7));
+    assert_eq!(
+        (
+            rustix::fs::major(loop7.rdev()),
+            rustix::fs::minor(loop7.rdev())
+        ),
+        (7, 7)
+    );
     let fifo = fs::symlink_metadata(s.dest().join("run/fifo")).expect("fifo");
     assert!(fifo.file_type().is_fifo());
     assert_eq!(fifo.mtime(), MTIME as i64);
@@ -222,24 +259,37 @@ fn symlinks_are_stored_verbatim_and_hardlinks_share_the_inode() {
     let s = Scratch::new();
     let mut layer = Layer::new().file("usr/bin/busybox", b"box");
     let mut header = Layer::header(EntryType::Symlink, 0o777, 42, 43);
-    layer.0.append_link(&mut header, "bin/passwd-link", "/etc/passwd").expect("symlink");
+    layer
+        .0
+        .append_link(&mut header, "bin/passwd-link", "/etc/passwd")
+        .expect("symlink");
     let tar = layer
         .link(EntryType::Symlink, "bin/sh", "../usr/bin/busybox")
         .link(EntryType::Link, "bin/ls", "usr/bin/busybox")
-        .link(EntryType::Link, "/bin/cat", "/usr/bin/busybox")
+        .raw(EntryType::Link, b"/bin/cat", b"/usr/bin/busybox", b"")
         .finish();
     s.unpack(&tar).expect("unpack");
     let dest = s.dest();
-    assert_eq!(fs::read_link(dest.join("bin/sh")).expect("readlink"), Path::new("../usr/bin/busybox"));
+    assert_eq!(
+        fs::read_link(dest.join("bin/sh")).expect("readlink"),
+        Path::new("../usr/bin/busybox")
+    );
     // Absolute targets are kept as they are, and never followed here.
     let abs = dest.join("bin/passwd-link");
-    assert_eq!(fs::read_link(&abs).expect("readlink"), Path::new("/etc/passwd"));
+    assert_eq!(
+        fs::read_link(&abs).expect("readlink"),
+        Path::new("/etc/passwd")
+    );
     let link_meta = fs::symlink_metadata(&abs).expect("lstat");
     assert_eq!((link_meta.uid(), link_meta.gid()), (42, 43));
     assert_eq!(link_meta.mtime(), MTIME as i64);
     let original = fs::metadata(dest.join("usr/bin/busybox")).expect("stat");
     for link in ["bin/ls", "bin/cat"] {
-        assert_eq!(fs::metadata(dest.join(link)).expect(link).ino(), original.ino(), "{link}");
+        assert_eq!(
+            fs::metadata(dest.join(link)).expect(link).ino(),
+            original.ino(),
+            "{link}"
+        );
     }
     assert_eq!(original.nlink(), 3);
 }
@@ -262,12 +312,18 @@ fn xattrs_are_applied_and_overlay_ones_from_the_image_are_not() {
             ("SCHILY.xattr.trusted.overlay.redirect", b"/elsewhere"),
         ])
         .file_owned("usr/bin/ping", b"ping", 0o755, 0, 0)
-        .pax(&[("SCHILY.xattr.trusted.overlay.opaque", b"y"), ("SCHILY.xattr.user.dir", b"d")])
+        .pax(&[
+            ("SCHILY.xattr.trusted.overlay.opaque", b"y"),
+            ("SCHILY.xattr.user.dir", b"d"),
+        ])
         .dir("data", 0o755)
         .finish();
     s.unpack(&tar).expect("unpack");
     let ping = s.dest().join("usr/bin/ping");
-    assert_eq!(xattr(&ping, "user.origin").as_deref(), Some(&b"layer-test"[..]));
+    assert_eq!(
+        xattr(&ping, "user.origin").as_deref(),
+        Some(&b"layer-test"[..])
+    );
     assert_eq!(xattr(&ping, "security.capability"), Some(capability));
     assert_eq!(xattr(&ping, "trusted.overlay.redirect"), None);
     let data = s.dest().join("data");
@@ -311,8 +367,14 @@ fn opaque_marker_sets_trusted_overlay_opaque() {
         .finish();
     s.unpack(&tar).expect("unpack");
     let cache = s.dest().join("var/cache");
-    assert_eq!(xattr(&cache, "trusted.overlay.opaque").as_deref(), Some(&b"y"[..]));
-    assert_eq!(fs::metadata(&cache).expect("stat").permissions().mode() & 0o7777, 0o700);
+    assert_eq!(
+        xattr(&cache, "trusted.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
+    assert_eq!(
+        fs::metadata(&cache).expect("stat").permissions().mode() & 0o7777,
+        0o700
+    );
     assert!(!cache.join(".wh..wh..opq").exists());
     assert_eq!(
         xattr(&s.dest().join("opt/app"), "trusted.overlay.opaque").as_deref(),
@@ -325,17 +387,29 @@ fn dot_dot_entries_are_refused_and_nothing_is_written_outside() {
     if !root_or_skip("dot_dot_entries_are_refused_and_nothing_is_written_outside") {
         return;
     }
-    for name in [&b"../escaped"[..], b"a/../../escaped", b"./../escaped", b"/../escaped"] {
+    for name in [
+        &b"../escaped"[..],
+        b"a/../../escaped",
+        b"./../escaped",
+        b"/../escaped",
+    ] {
         let s = Scratch::new();
-        let tar = Layer::new().raw(EntryType::Regular, name, b"", b"pwned").finish();
+        let tar = Layer::new()
+            .raw(EntryType::Regular, name, b"", b"pwned")
+            .finish();
         let error = s.unpack(&tar).expect_err("must refuse");
         let shown = String::from_utf8_lossy(name);
-        assert_eq!(error.to_string(), format!("layer entry {shown:?}: path escapes the layer"));
+        assert_eq!(
+            error.to_string(),
+            format!("layer entry {shown:?}: path escapes the layer")
+        );
         s.assert_nothing_beside_layer(&[]);
         assert_eq!(fs::read_dir(s.dest()).expect("ls").count(), 0, "{shown}");
     }
     let s = Scratch::new();
-    let tar = Layer::new().raw(EntryType::Regular, b".wh...", b"", b"").finish();
+    let tar = Layer::new()
+        .raw(EntryType::Regular, b".wh...", b"", b"")
+        .finish();
     assert!(matches!(s.unpack(&tar), Err(UnpackError::Escape { .. })));
 }
 
@@ -346,9 +420,14 @@ fn absolute_entry_path_lands_inside_the_layer() {
     }
     let s = Scratch::new();
     let name = format!("/tmp/{}", unique("berth-unpack-abs"));
-    let tar = Layer::new().raw(EntryType::Regular, name.as_bytes(), b"", b"inside").finish();
+    let tar = Layer::new()
+        .raw(EntryType::Regular, name.as_bytes(), b"", b"inside")
+        .finish();
     s.unpack(&tar).expect("unpack");
-    assert_eq!(fs::read(s.dest().join(&name[1..])).expect("read"), b"inside");
+    assert_eq!(
+        fs::read(s.dest().join(&name[1..])).expect("read"),
+        b"inside"
+    );
     assert!(!Path::new(&name).exists(), "{name} written on the host");
 }
 
@@ -363,23 +442,47 @@ fn symlinked_parents_cannot_lead_outside_the_layer() {
     let host_name = unique("berth-unpack-pwned");
     let tar = Layer::new()
         .link(EntryType::Symlink, "evil", "/")
-        .raw(EntryType::Regular, format!("evil/tmp/{host_name}").as_bytes(), b"", b"1")
+        .raw(
+            EntryType::Regular,
+            format!("evil/tmp/{host_name}").as_bytes(),
+            b"",
+            b"1",
+        )
         .link(EntryType::Symlink, "up", "../../../../../../..")
-        .raw(EntryType::Regular, format!("up/tmp/{host_name}-up").as_bytes(), b"", b"2")
-        .link(EntryType::Symlink, "abs", outside.to_str().expect("utf-8 temp path"))
+        .raw(
+            EntryType::Regular,
+            format!("up/tmp/{host_name}-up").as_bytes(),
+            b"",
+            b"2",
+        )
+        .link(
+            EntryType::Symlink,
+            "abs",
+            outside.to_str().expect("utf-8 temp path"),
+        )
         .raw(EntryType::Regular, b"abs/planted", b"", b"3")
         .link(EntryType::Symlink, "loop", "loop")
         .finish();
-    s.unpack(&tar).expect("scoped resolution keeps these inside");
+    s.unpack(&tar)
+        .expect("scoped resolution keeps these inside");
     // Nothing on the host...
     assert!(!Path::new("/tmp").join(&host_name).exists());
     assert!(!Path::new("/tmp").join(format!("{host_name}-up")).exists());
     assert_eq!(fs::read_dir(&outside).expect("ls outside").count(), 0);
     s.assert_nothing_beside_layer(&["outside"]);
     // ...and the files are where the layer root as `/` puts them.
-    assert_eq!(fs::read(s.dest().join("tmp").join(&host_name)).expect("1"), b"1");
-    assert_eq!(fs::read(s.dest().join("tmp").join(format!("{host_name}-up"))).expect("2"), b"2");
-    let relocated = s.dest().join(outside.strip_prefix("/").expect("absolute")).join("planted");
+    assert_eq!(
+        fs::read(s.dest().join("tmp").join(&host_name)).expect("1"),
+        b"1"
+    );
+    assert_eq!(
+        fs::read(s.dest().join("tmp").join(format!("{host_name}-up"))).expect("2"),
+        b"2"
+    );
+    let relocated = s
+        .dest()
+        .join(outside.strip_prefix("/").expect("absolute"))
+        .join("planted");
     assert_eq!(fs::read(relocated).expect("3"), b"3");
 
     // A symlink loop in the parent is an error, not a hang.
@@ -389,7 +492,12 @@ fn symlinked_parents_cannot_lead_outside_the_layer() {
         .file("loop/x", b"")
         .finish();
     let error = s.unpack(&tar).expect_err("loop");
-    assert!(error.to_string().starts_with("layer entry \"loop/x\": open parent directory: ELOOP"), "{error}");
+    assert!(
+        error
+            .to_string()
+            .starts_with("layer entry \"loop/x\": open parent directory: ELOOP"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -397,10 +505,14 @@ fn hardlinks_cannot_reach_outside_the_layer() {
     if !root_or_skip("hardlinks_cannot_reach_outside_the_layer") {
         return;
     }
-    let host_passwd = fs::metadata("/etc/passwd").ok().map(|m| (m.ino(), m.nlink()));
+    let host_passwd = fs::metadata("/etc/passwd")
+        .ok()
+        .map(|m| (m.ino(), m.nlink()));
 
     let s = Scratch::new();
-    let tar = Layer::new().raw(EntryType::Link, b"stolen", b"../../etc/passwd", b"").finish();
+    let tar = Layer::new()
+        .raw(EntryType::Link, b"stolen", b"../../etc/passwd", b"")
+        .finish();
     let error = s.unpack(&tar).expect_err("dot-dot target");
     assert_eq!(
         error.to_string(),
@@ -414,16 +526,38 @@ fn hardlinks_cannot_reach_outside_the_layer() {
         (Layer::new(), &b"/etc/shadow"[..]),
         (Layer::new(), b"/etc/passwd"),
         // Through a symlinked parent, too.
-        (Layer::new().link(EntryType::Symlink, "hostetc", "/etc"), b"hostetc/passwd"),
+        (
+            Layer::new().link(EntryType::Symlink, "hostetc", "/etc"),
+            b"hostetc/passwd",
+        ),
     ] {
         let s = Scratch::new();
         let tar = layer.raw(EntryType::Link, b"stolen", target, b"").finish();
         let error = s.unpack(&tar).expect_err("target not in the layer");
-        assert!(error.to_string().contains("does not exist in the layer"), "{error}");
+        assert!(
+            error.to_string().contains("does not exist in the layer"),
+            "{error}"
+        );
         assert!(!s.dest().join("stolen").exists());
         s.assert_nothing_beside_layer(&[]);
     }
-    assert_eq!(fs::metadata("/etc/passwd").ok().map(|m| (m.ino(), m.nlink())), host_passwd);
+    // A hardlink to a symlink links the symlink, never what it points at.
+    let s = Scratch::new();
+    let tar = Layer::new()
+        .link(EntryType::Symlink, "pw", "/etc/passwd")
+        .link(EntryType::Link, "stolen", "pw")
+        .finish();
+    s.unpack(&tar).expect("link to a symlink");
+    assert_eq!(
+        fs::read_link(s.dest().join("stolen")).expect("readlink"),
+        Path::new("/etc/passwd")
+    );
+    assert_eq!(
+        fs::metadata("/etc/passwd")
+            .ok()
+            .map(|m| (m.ino(), m.nlink())),
+        host_passwd
+    );
 }
 
 #[test]
@@ -450,8 +584,18 @@ fn later_entries_replace_earlier_ones_and_directories_merge() {
     assert_eq!(fs::read(dest.join("a")).expect("a"), b"second");
     assert_eq!(fs::read(dest.join("b/child")).expect("b/child"), b"c");
     assert_eq!(fs::read(dest.join("c/kept")).expect("c/kept"), b"k");
-    assert_eq!(fs::metadata(dest.join("c")).expect("c").permissions().mode() & 0o7777, 0o711);
-    assert_eq!(fs::read_link(dest.join("d")).expect("d"), Path::new("/nowhere"));
+    assert_eq!(
+        fs::metadata(dest.join("c"))
+            .expect("c")
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o711
+    );
+    assert_eq!(
+        fs::read_link(dest.join("d")).expect("d"),
+        Path::new("/nowhere")
+    );
 }
 
 #[test]
@@ -486,14 +630,29 @@ fn long_names_and_pax_metadata_are_honoured() {
     let tar = Layer::new()
         .file(&long_file, b"gnu long name")
         .link(EntryType::Symlink, "long-link", &long_target)
-        .pax(&[("path", b"pax/named/file"), ("mtime", b"1234567890.5"), ("uid", b"3000000")])
+        .pax(&[
+            ("path", b"pax/named/file"),
+            ("mtime", b"1234567890.5"),
+            ("uid", b"3000000"),
+        ])
         .file("ignored-name", b"pax")
         .finish();
     s.unpack(&tar).expect("unpack");
-    assert_eq!(fs::read(s.dest().join(&long_file)).expect("long"), b"gnu long name");
-    assert_eq!(fs::read_link(s.dest().join("long-link")).expect("link").to_str(), Some(&long_target[..]));
+    assert_eq!(
+        fs::read(s.dest().join(&long_file)).expect("long"),
+        b"gnu long name"
+    );
+    assert_eq!(
+        fs::read_link(s.dest().join("long-link"))
+            .expect("link")
+            .to_str(),
+        Some(&long_target[..])
+    );
     let pax = fs::metadata(s.dest().join("pax/named/file")).expect("pax file");
-    assert_eq!((pax.mtime(), pax.mtime_nsec()), (1_234_567_890, 500_000_000));
+    assert_eq!(
+        (pax.mtime(), pax.mtime_nsec()),
+        (1_234_567_890, 500_000_000)
+    );
     assert_eq!(pax.uid(), 3_000_000);
     assert!(!s.dest().join("ignored-name").exists());
 }
@@ -528,7 +687,10 @@ fn compressed_and_plain_streams_give_the_diff_id_of_the_plain_tar() {
         assert_eq!(result.diff_id, expected, "{compression:?}");
         assert_eq!(result.size, tar.len() as u64, "{compression:?}");
         assert_eq!(result.entries, 3, "{compression:?}");
-        assert_eq!(fs::read(s.dest().join("etc/hostname")).expect("read"), b"berth\n");
+        assert_eq!(
+            fs::read(s.dest().join("etc/hostname")).expect("read"),
+            b"berth\n"
+        );
     }
 }
 
@@ -540,10 +702,18 @@ fn gzip_bomb_is_stopped_at_the_limit() {
     let mut header = Layer::header(EntryType::Regular, 0o644, 0, 0);
     let size = 64u64 << 20;
     header.set_size(size);
-    let mut gzip = Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best()));
-    gzip.append_data(&mut header, "zeros", std::io::repeat(0).take(size)).expect("append");
+    let mut gzip = Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::best(),
+    ));
+    gzip.append_data(&mut header, "zeros", std::io::repeat(0).take(size))
+        .expect("append");
     let bomb = gzip.into_inner().expect("tar").finish().expect("gzip");
-    assert!(bomb.len() < 1 << 20, "the bomb is small: {} bytes", bomb.len());
+    assert!(
+        bomb.len() < 1 << 20,
+        "the bomb is small: {} bytes",
+        bomb.len()
+    );
 
     let s = Scratch::new();
     let limits = Limits {
@@ -553,7 +723,9 @@ fn gzip_bomb_is_stopped_at_the_limit() {
     let error = unpack_layer(&bomb[..], Compression::Gzip, &s.dest(), &limits).expect_err("bomb");
     assert_eq!(error.to_string(), "layer exceeds 1 MiB uncompressed");
     // It stopped early rather than writing the whole file.
-    let written = fs::metadata(s.dest().join("zeros")).map(|m| m.len()).unwrap_or(0);
+    let written = fs::metadata(s.dest().join("zeros"))
+        .map(|m| m.len())
+        .unwrap_or(0);
     assert!(written <= 1 << 20, "{written} bytes written");
 }
 
@@ -563,12 +735,18 @@ fn entry_count_is_limited() {
         return;
     }
     let s = Scratch::new();
-    let tar = Layer::new().file("1", b"").file("2", b"").file("3", b"").file("4", b"").finish();
+    let tar = Layer::new()
+        .file("1", b"")
+        .file("2", b"")
+        .file("3", b"")
+        .file("4", b"")
+        .finish();
     let limits = Limits {
         max_uncompressed_bytes: 1 << 20,
         max_entries: 3,
     };
-    let error = unpack_layer(&tar[..], Compression::None, &s.dest(), &limits).expect_err("too many");
+    let error =
+        unpack_layer(&tar[..], Compression::None, &s.dest(), &limits).expect_err("too many");
     assert_eq!(error.to_string(), "layer has more than 3 entries");
 }
 
@@ -577,17 +755,32 @@ fn truncated_streams_are_errors() {
     if !root_or_skip("truncated_streams_are_errors") {
         return;
     }
-    let tar = Layer::new().file("one", &[1u8; 2000]).file("two", &[2u8; 2000]).finish();
+    let tar = Layer::new()
+        .file("one", &[1u8; 2000])
+        .file("two", &[2u8; 2000])
+        .finish();
 
     // Cut inside the contents of the last file.
     let s = Scratch::new();
     let cut = 512 + 2048 + 512 + 1000;
     let error = s.unpack(&tar[..cut]).expect_err("cut in contents");
-    assert!(matches!(error, UnpackError::TruncatedEntry { actual: 1000, expected: 2000, .. }), "{error}");
+    assert!(
+        matches!(
+            error,
+            UnpackError::TruncatedEntry {
+                actual: 1000,
+                expected: 2000,
+                ..
+            }
+        ),
+        "{error}"
+    );
 
     // Cut inside a header.
     let s = Scratch::new();
-    let error = s.unpack(&tar[..512 + 2048 + 100]).expect_err("cut in header");
+    let error = s
+        .unpack(&tar[..512 + 2048 + 100])
+        .expect_err("cut in header");
     assert!(matches!(error, UnpackError::Tar { .. }), "{error}");
 
     // Cut exactly between entries, or before the end-of-archive marker: the
@@ -609,27 +802,99 @@ fn truncated_streams_are_errors() {
         let s = Scratch::new();
         let cut = &blob[..blob.len() - 10];
         let error = unpack_layer(cut, compression, &s.dest(), &LIMITS).expect_err("cut compressed");
-        assert!(matches!(error, UnpackError::Decompress { .. }), "{compression:?}: {error}");
-        assert!(error.to_string().starts_with("decompress layer: "), "{error}");
+        assert!(
+            matches!(error, UnpackError::Decompress { .. }),
+            "{compression:?}: {error}"
+        );
+        assert!(
+            error.to_string().starts_with("decompress layer: "),
+            "{error}"
+        );
     }
 }
 
 #[test]
 fn corrupt_gzip_is_a_decompress_error() {
     let s = Scratch::new();
-    let error = unpack_layer(&b"this is not gzip at all"[..], Compression::Gzip, &s.dest(), &LIMITS)
-        .expect_err("corrupt");
-    assert!(error.to_string().starts_with("decompress layer: "), "{error}");
+    let error = unpack_layer(
+        &b"this is not gzip at all"[..],
+        Compression::Gzip,
+        &s.dest(),
+        &LIMITS,
+    )
+    .expect_err("corrupt");
+    assert!(
+        error.to_string().starts_with("decompress layer: "),
+        "{error}"
+    );
 }
 
 #[test]
 fn missing_destination_is_an_error_naming_it() {
-    let error = unpack_layer(&[][..], Compression::None, Path::new("/nonexistent/berth-layer"), &LIMITS)
-        .expect_err("no dest");
+    let error = unpack_layer(
+        &[][..],
+        Compression::None,
+        Path::new("/nonexistent/berth-layer"),
+        &LIMITS,
+    )
+    .expect_err("no dest");
     assert_eq!(
         error.to_string(),
         "open layer directory /nonexistent/berth-layer: ENOENT: No such file or directory"
     );
+}
+
+#[test]
+fn odd_and_unsupported_entries_are_handled_or_refused() {
+    if !root_or_skip("odd_and_unsupported_entries_are_handled_or_refused") {
+        return;
+    }
+    // Old tars typed directories as NUL with a trailing slash.
+    let s = Scratch::new();
+    let mut tar = Layer::new()
+        .raw(EntryType::Regular, b"olddir/", b"", b"")
+        .finish();
+    tar[156] = 0;
+    let checksum: u32 = tar[..512]
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(*b)
+            }
+        })
+        .sum();
+    tar[148..156].copy_from_slice(format!("{checksum:06o}\0 ").as_bytes());
+    s.unpack(&tar).expect("unpack old directory");
+    assert!(
+        fs::symlink_metadata(s.dest().join("olddir"))
+            .expect("olddir")
+            .is_dir()
+    );
+
+    let refused: [(Layer, &str); 3] = [
+        (
+            Layer::new().raw(EntryType::Regular, b"./", b"", b"x"),
+            "layer entry \"./\": names the layer root but is not a directory",
+        ),
+        (
+            Layer::new().raw(EntryType::new(b'V'), b"volume", b"", b""),
+            "layer entry \"volume\": unsupported entry type 'V'",
+        ),
+        (
+            Layer::new()
+                .pax(&[("GNU.sparse.major", b"1")])
+                .file("sparse", b""),
+            "layer entry \"sparse\": pax sparse files are not supported",
+        ),
+    ];
+    for (layer, message) in refused {
+        let s = Scratch::new();
+        let error = s.unpack(&layer.finish()).expect_err(message);
+        assert_eq!(error.to_string(), message);
+    }
 }
 
 /// Unmounts on drop, so a failing assertion does not leave a mount behind.
@@ -649,7 +914,11 @@ fn overlay_of_two_unpacked_layers_hides_whiteouts_and_opaque_contents() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (lower, upper, merged) = (tmp.path().join("l1"), tmp.path().join("l2"), tmp.path().join("merged"));
+    let (lower, upper, merged) = (
+        tmp.path().join("l1"),
+        tmp.path().join("l2"),
+        tmp.path().join("merged"),
+    );
     for dir in [&lower, &upper, &merged] {
         fs::create_dir(dir).expect("mkdir");
     }
@@ -686,10 +955,19 @@ fn overlay_of_two_unpacked_layers_hides_whiteouts_and_opaque_contents() {
     let _mounted = Mounted(merged.clone());
 
     assert_eq!(fs::read(merged.join("etc/keep")).expect("keep"), b"keep");
-    assert!(!merged.join("etc/gone").exists(), "whiteout did not hide etc/gone");
+    assert!(
+        !merged.join("etc/gone").exists(),
+        "whiteout did not hide etc/gone"
+    );
     assert_eq!(fs::read(merged.join("cache/new")).expect("new"), b"new");
-    assert!(!merged.join("cache/old").exists(), "opaque dir shows lower contents");
-    assert!(!merged.join("rmdir").exists(), "whiteout did not hide a directory");
+    assert!(
+        !merged.join("cache/old").exists(),
+        "opaque dir shows lower contents"
+    );
+    assert!(
+        !merged.join("rmdir").exists(),
+        "whiteout did not hide a directory"
+    );
     let mut names: Vec<_> = fs::read_dir(&merged)
         .expect("ls merged")
         .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
