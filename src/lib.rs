@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod executor;
+pub mod image;
 pub mod logging;
 pub mod network;
 pub mod server;

@@ -3,5 +3,6 @@
 
 pub mod content;
 pub mod digest;
+pub mod mirrors;
 pub mod reference;
 pub mod unpack;
