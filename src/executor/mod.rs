@@ -1,5 +1,25 @@
-//! The executor: an OCI runtime spec becomes an isolated process. So far it
-//! knows the host's cgroup layout; namespaces, rootfs and process setup come
-//! with the executor issue.
+//! The executor: an OCI runtime spec becomes an isolated process, in two
+//! steps (create parks the init process right before `execve`, start
+//! releases it), always called from a single-threaded process (`berth
+//! monitor`), never from the tokio daemon. One file per kernel concept, in
+//! the order of youki's and runc's init sequence.
 
+pub mod capabilities;
 pub mod cgroups;
+pub mod container;
+pub mod devices;
+pub mod error;
+pub mod exec;
+pub mod lsm;
+pub mod mounts;
+pub mod namespaces;
+pub mod process;
+pub mod rootfs;
+pub mod seccomp;
+pub mod sync;
+pub mod sysctl;
+pub mod terminal;
+
+pub use container::{CreateOptions, Created, Stdio, create, kill};
+pub use error::ExecutorError;
+pub use exec::{JoinTarget, Spawned, exec};
