@@ -21,6 +21,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::image::store::{ImageError, ImageStore};
 use crate::network::{self, Readiness};
 use crate::store::{Kind, Store, StoreError};
 
@@ -67,6 +68,8 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("image store: {0}")]
+    Images(#[from] ImageError),
     #[error("start async runtime: {0}")]
     Runtime(std::io::Error),
     #[error("install signal handler: {0}")]
@@ -79,6 +82,7 @@ pub enum DaemonError {
 pub struct Daemon {
     pub config: Config,
     pub store: Store,
+    pub images: Arc<ImageStore>,
     /// The pod CIDRs kubelet gave with `UpdateRuntimeConfig`, if any.
     pod_cidrs: RwLock<Vec<ipnet::IpNet>>,
 }
@@ -91,9 +95,16 @@ impl Daemon {
     /// from earlier runs.
     pub fn new(config: Config, store: Store) -> Result<Self, DaemonError> {
         let pod_cidrs = store.get(Kind::Runtime, POD_CIDRS_KEY)?.unwrap_or_default();
+        let images = ImageStore::open(
+            &config.root,
+            store.clone(),
+            config.registries.clone(),
+            config.image.clone(),
+        )?;
         Ok(Daemon {
             config,
             store,
+            images,
             pod_cidrs: RwLock::new(pod_cidrs),
         })
     }
@@ -161,6 +172,9 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     let _socket_lock = lock(&socket_lock_path, "socket", &socket)?;
     remove_stale_socket(&socket)?;
 
+    // One TLS provider for every registry connection; a second install
+    // (never happens in one process) would keep the first.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let store = Store::open(&config.root)?;
     let daemon = Arc::new(Daemon::new(config, store)?);
 

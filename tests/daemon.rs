@@ -207,7 +207,6 @@ async fn update_runtime_config_keeps_the_pod_cidr_across_restarts() {
 async fn rpcs_not_built_yet_answer_unimplemented() {
     let daemon = TestDaemon::start();
     let mut runtime = daemon.runtime().await;
-    let mut images = daemon.images().await;
     let errors = [
         runtime
             .run_pod_sandbox(RunPodSandboxRequest::default())
@@ -225,14 +224,10 @@ async fn rpcs_not_built_yet_answer_unimplemented() {
             .checkpoint_container(CheckpointContainerRequest::default())
             .await
             .expect_err("CheckpointContainer"),
-        images
-            .pull_image(PullImageRequest::default())
+        runtime
+            .port_forward(PortForwardRequest::default())
             .await
-            .expect_err("PullImage"),
-        images
-            .list_images(ListImagesRequest::default())
-            .await
-            .expect_err("ListImages"),
+            .expect_err("PortForward"),
     ];
     for err in errors {
         assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");

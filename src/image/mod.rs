@@ -1,8 +1,13 @@
 //! The image store: references, registry pull, content store, layer unpack
 //! and overlay snapshots. Built piece by piece; see the images issue.
 
+pub mod auth;
 pub mod content;
 pub mod digest;
+pub mod layers;
+pub mod manifest;
 pub mod mirrors;
+pub mod pull;
 pub mod reference;
+pub mod store;
 pub mod unpack;

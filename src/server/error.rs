@@ -6,6 +6,10 @@
 
 use tonic::Status;
 
+use crate::image::auth::AuthError;
+use crate::image::mirrors::MirrorError;
+use crate::image::pull::PullError;
+use crate::image::store::ImageError;
 use crate::store::StoreError;
 
 /// An RPC whose capability is not built yet. CRI clients treat
@@ -13,7 +17,7 @@ use crate::store::StoreError;
 /// a fake success would make kubelet believe a pod exists.
 pub fn not_built(rpc: &str, capability: &str) -> Status {
     Status::unimplemented(format!(
-        "{rpc} is not implemented by berth yet: {capability} is still being built"
+        "{rpc} is not implemented by berth yet: it comes with {capability}"
     ))
 }
 
@@ -25,5 +29,31 @@ pub fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
         Status::internal(format!("metadata store: {e}"))
+    }
+}
+
+impl From<ImageError> for Status {
+    fn from(e: ImageError) -> Self {
+        let message = e.to_string();
+        match e {
+            ImageError::Reference(_) | ImageError::Ambiguous { .. } => {
+                Status::invalid_argument(message)
+            }
+            ImageError::Auth(AuthError::File { .. }) => Status::failed_precondition(message),
+            ImageError::Auth(_) | ImageError::Pull(PullError::Auth(_)) => {
+                Status::invalid_argument(message)
+            }
+            ImageError::InUse { .. }
+            | ImageError::Pull(PullError::Mirrors(MirrorError::Blocked { .. })) => {
+                Status::failed_precondition(message)
+            }
+            // What the registry said is in the message; kubelet reports it
+            // as ErrImagePull whatever the code, as with containerd's Unknown.
+            ImageError::Pull(_) => Status::unknown(message),
+            ImageError::Store(_)
+            | ImageError::Content(_)
+            | ImageError::Layer(_)
+            | ImageError::Task(_) => Status::internal(message),
+        }
     }
 }

@@ -16,6 +16,10 @@ use crate::daemon::Daemon;
 /// The tonic router with both CRI services, ready to serve.
 pub fn router(daemon: Arc<Daemon>) -> Router {
     tonic::transport::Server::builder()
-        .add_service(RuntimeServiceServer::new(runtime::Runtime::new(daemon)))
-        .add_service(ImageServiceServer::new(image::Images))
+        .add_service(RuntimeServiceServer::new(runtime::Runtime::new(
+            daemon.clone(),
+        )))
+        .add_service(ImageServiceServer::new(image::Images::new(
+            daemon.images.clone(),
+        )))
 }

@@ -1,0 +1,347 @@
+//! Unpacked layers: `<root>/layers/<chain-id hex>/` is one layer's files,
+//! used as an overlay lower dir. A layer is unpacked into a temporary
+//! directory and renamed into place only when complete and verified, so a
+//! directory under its chain ID is always a whole layer.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::image::digest::Digest;
+use crate::image::unpack::{self, Compression, Limits, UnpackError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("layer {digest}: {source}")]
+    Unpack { digest: Digest, source: UnpackError },
+    #[error(
+        "layer {digest}: uncompressed content hashes to {actual}, the image config says {expected}"
+    )]
+    DiffId {
+        digest: Digest,
+        expected: Digest,
+        actual: Digest,
+    },
+}
+
+/// The three names of one layer: its compressed blob, its uncompressed
+/// content, and the content with everything beneath it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerIds {
+    pub digest: Digest,
+    pub diff_id: Digest,
+    pub chain_id: Digest,
+}
+
+#[derive(Debug, Clone)]
+pub struct LayerStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    tmp: PathBuf,
+    counter: AtomicU64,
+}
+
+impl LayerStore {
+    /// Opens `<root>/layers`, removing half-unpacked layers a crash left.
+    pub fn open(root: &Path) -> Result<LayerStore, LayerError> {
+        let dir = root.join("layers");
+        let tmp = root.join("layers-tmp");
+        for path in [&dir, &tmp] {
+            std::fs::create_dir_all(path).map_err(|source| LayerError::Io {
+                op: "create",
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let entries = std::fs::read_dir(&tmp).map_err(|source| LayerError::Io {
+            op: "read",
+            path: tmp.clone(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if let Err(source) = std::fs::remove_dir_all(&path) {
+                tracing::warn!(path = %path.display(), "remove stale layer: {source}");
+            }
+        }
+        Ok(LayerStore {
+            inner: Arc::new(Inner {
+                dir,
+                tmp,
+                counter: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The directory of the layer with `chain_id` (which may not exist).
+    pub fn path(&self, chain_id: &Digest) -> PathBuf {
+        self.inner.dir.join(chain_id.hex())
+    }
+
+    pub fn contains(&self, chain_id: &Digest) -> bool {
+        self.path(chain_id).is_dir()
+    }
+
+    /// Unpacks a layer stream and moves it under `chain_id` once its diffID
+    /// is checked. `verify` runs after the stream is consumed and before the
+    /// layer becomes visible (the caller checks the compressed digest there).
+    /// Blocking: call from a blocking thread.
+    pub fn unpack(
+        &self,
+        reader: impl Read,
+        compression: Compression,
+        ids: &LayerIds,
+        limits: &Limits,
+        verify: impl FnOnce() -> Result<(), LayerError>,
+    ) -> Result<u64, LayerError> {
+        let LayerIds {
+            digest,
+            diff_id,
+            chain_id,
+        } = ids;
+        let n = self.inner.counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = TempDir(self.inner.tmp.join(format!(
+            "{}-{}-{n}",
+            chain_id.hex(),
+            std::process::id()
+        )));
+        std::fs::create_dir(&tmp.0).map_err(|source| LayerError::Io {
+            op: "create",
+            path: tmp.0.clone(),
+            source,
+        })?;
+        let result =
+            unpack::unpack_layer(reader, compression, &tmp.0, limits).map_err(|source| {
+                LayerError::Unpack {
+                    digest: digest.clone(),
+                    source,
+                }
+            })?;
+        if &result.diff_id != diff_id {
+            return Err(LayerError::DiffId {
+                digest: digest.clone(),
+                expected: diff_id.clone(),
+                actual: result.diff_id,
+            });
+        }
+        verify()?;
+        sync_filesystem(&tmp.0)?;
+        let final_path = self.path(chain_id);
+        match std::fs::rename(&tmp.0, &final_path) {
+            Ok(()) => {}
+            // Another pull finished the same layer first: theirs is as good.
+            Err(e) if final_path.is_dir() => {
+                tracing::debug!(chain_id = %chain_id, "layer already unpacked: {e}");
+            }
+            Err(source) => {
+                return Err(LayerError::Io {
+                    op: "rename",
+                    path: final_path,
+                    source,
+                });
+            }
+        }
+        Ok(result.size)
+    }
+
+    /// Removes the layer; a missing one is not an error.
+    pub fn delete(&self, chain_id: &Digest) -> Result<(), LayerError> {
+        let path = self.path(chain_id);
+        // Renamed away first so that a half-deleted layer is never mistaken
+        // for a whole one.
+        let n = self.inner.counter.fetch_add(1, Ordering::Relaxed);
+        let doomed = self
+            .inner
+            .tmp
+            .join(format!("delete-{}-{n}", chain_id.hex()));
+        match std::fs::rename(&path, &doomed) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(LayerError::Io {
+                    op: "rename",
+                    path,
+                    source,
+                });
+            }
+        }
+        std::fs::remove_dir_all(&doomed).map_err(|source| LayerError::Io {
+            op: "remove",
+            path: doomed,
+            source,
+        })
+    }
+
+    /// Chain IDs of every unpacked layer.
+    pub fn list(&self) -> Result<Vec<Digest>, LayerError> {
+        let entries = std::fs::read_dir(&self.inner.dir).map_err(|source| LayerError::Io {
+            op: "read",
+            path: self.inner.dir.clone(),
+            source,
+        })?;
+        Ok(entries
+            .flatten()
+            .filter_map(|e| {
+                format!("sha256:{}", e.file_name().to_string_lossy())
+                    .parse()
+                    .ok()
+            })
+            .collect())
+    }
+
+    /// The directory holding all layers, for usage accounting.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+}
+
+/// Removed on drop unless it was renamed away.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if self.0.exists()
+            && let Err(e) = std::fs::remove_dir_all(&self.0)
+        {
+            tracing::warn!(path = %self.0.display(), "remove unfinished layer: {e}");
+        }
+    }
+}
+
+/// The unpacked files must be on disk before the rename publishes them.
+fn sync_filesystem(path: &Path) -> Result<(), LayerError> {
+    let dir = std::fs::File::open(path).map_err(|source| LayerError::Io {
+        op: "open",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    rustix::fs::syncfs(&dir).map_err(|e| LayerError::Io {
+        op: "syncfs",
+        path: path.to_path_buf(),
+        source: e.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, data) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mtime(0);
+            header.set_cksum();
+            builder
+                .append_data(&mut header, name, *data)
+                .expect("append");
+        }
+        builder.into_inner().expect("finish")
+    }
+
+    fn ids(digest: &Digest, diff_id: &Digest) -> LayerIds {
+        LayerIds {
+            digest: digest.clone(),
+            diff_id: diff_id.clone(),
+            chain_id: diff_id.clone(),
+        }
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            max_uncompressed_bytes: 1 << 30,
+            max_entries: 1000,
+        }
+    }
+
+    #[test]
+    fn verified_layer_appears_under_its_chain_id() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: unpacking layers needs root (ownership, devices)");
+            return;
+        }
+        let root = tempfile::tempdir().expect("tempdir");
+        let store = LayerStore::open(root.path()).expect("open");
+        let tar = tar_of(&[("etc/hello", b"hi")]);
+        let diff = Digest::of(&tar);
+        let size = store
+            .unpack(
+                &tar[..],
+                Compression::None,
+                &ids(&diff, &diff),
+                &limits(),
+                || Ok(()),
+            )
+            .expect("unpack");
+        assert_eq!(size, tar.len() as u64);
+        assert_eq!(
+            std::fs::read(store.path(&diff).join("etc/hello")).expect("read"),
+            b"hi"
+        );
+        assert_eq!(store.list().expect("list"), vec![diff.clone()]);
+        store.delete(&diff).expect("delete");
+        store.delete(&diff).expect("delete again");
+        assert!(!store.contains(&diff));
+    }
+
+    #[test]
+    fn wrong_diff_id_or_failed_verification_leaves_nothing() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: unpacking layers needs root (ownership, devices)");
+            return;
+        }
+        let root = tempfile::tempdir().expect("tempdir");
+        let store = LayerStore::open(root.path()).expect("open");
+        let tar = tar_of(&[("a", b"1")]);
+        let diff = Digest::of(&tar);
+        let wrong = Digest::of(b"other");
+        let err = store
+            .unpack(
+                &tar[..],
+                Compression::None,
+                &ids(&diff, &wrong),
+                &limits(),
+                || Ok(()),
+            )
+            .expect_err("diff id");
+        assert!(matches!(err, LayerError::DiffId { .. }), "{err}");
+        let err = store
+            .unpack(
+                &tar[..],
+                Compression::None,
+                &ids(&diff, &diff),
+                &limits(),
+                || {
+                    Err(LayerError::Io {
+                        op: "verify",
+                        path: PathBuf::from("/x"),
+                        source: std::io::Error::other("digest mismatch"),
+                    })
+                },
+            )
+            .expect_err("verify");
+        assert!(err.to_string().contains("digest mismatch"));
+        assert!(store.list().expect("list").is_empty());
+        assert_eq!(
+            std::fs::read_dir(root.path().join("layers-tmp"))
+                .expect("tmp")
+                .count(),
+            0
+        );
+    }
+}

@@ -1,0 +1,651 @@
+//! Pulling an image: endpoints in order (mirrors, then the registry), the
+//! manifest (an index resolved to this node's platform), the config, and the
+//! layers, fetched in parallel and unpacked while they stream.
+//!
+//! Integrity: every manifest, config and layer blob is checked against the
+//! digest and size its parent names, and every layer's uncompressed content
+//! against the config's diffID, before anything becomes visible.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference as OciReference};
+use tokio::sync::{OwnedMutexGuard, Semaphore, mpsc};
+
+use crate::config::{ImageConfig, RegistryConfig};
+use crate::image::auth::{AuthError, AuthStore, Credentials};
+use crate::image::content::{BlobWriter, ContentError, ContentStore};
+use crate::image::digest::Digest;
+use crate::image::layers::{LayerError, LayerIds, LayerStore};
+use crate::image::manifest::{
+    self, Descriptor, Fetched, ImageConfigFile, ImageManifest, ManifestError, Platform,
+};
+use crate::image::mirrors::{self, Endpoint, MirrorError};
+use crate::image::reference::Reference;
+use crate::image::unpack::{Compression, Limits, UnpackError};
+
+/// gzip cannot expand more than ~1032:1; a layer that claims more is a bomb.
+const MAX_EXPANSION: u64 = 1100;
+/// Room for tiny layers whose tar padding dwarfs their compressed size.
+const EXPANSION_SLACK: u64 = 64 << 20;
+const MAX_LAYER_ENTRIES: u64 = 10_000_000;
+/// Chunks buffered between the download and the unpacker.
+const CHUNKS_IN_FLIGHT: usize = 16;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error(transparent)]
+    Mirrors(#[from] MirrorError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("{endpoint}: {message}")]
+    Registry { endpoint: String, message: String },
+    #[error("{endpoint}: {source}")]
+    Manifest {
+        endpoint: String,
+        source: ManifestError,
+    },
+    #[error("{endpoint}: served {what} {actual}, expected {expected}")]
+    Mismatch {
+        endpoint: String,
+        what: &'static str,
+        expected: String,
+        actual: String,
+    },
+    #[error(transparent)]
+    Content(#[from] ContentError),
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+    #[error("{endpoint}: layer {digest}: {source}")]
+    MediaType {
+        endpoint: String,
+        digest: String,
+        source: UnpackError,
+    },
+    #[error("{endpoint}: no bytes received for {secs} s (image_pull_progress_timeout)")]
+    Stalled { endpoint: String, secs: u64 },
+    #[error("pull image {image}: {}", attempts.join("; "))]
+    Failed {
+        image: String,
+        attempts: Vec<String>,
+    },
+    #[error("unpack task failed: {0}")]
+    Task(String),
+}
+
+/// A pulled image as the image store records it.
+#[derive(Debug, Clone)]
+pub struct Pulled {
+    /// The digest of what the reference resolved to (index or manifest):
+    /// the image's repo digest.
+    pub repo_digest: Digest,
+    /// The config digest: the image ID.
+    pub config_digest: Digest,
+    pub config: ImageConfigFile,
+    pub layers: Vec<LayerIds>,
+    /// Manifest, config and compressed layer sizes, as containerd reports.
+    pub size: u64,
+    /// Every blob the image needs kept: index, manifest, config, layers.
+    pub blobs: Vec<Digest>,
+    pub annotations: std::collections::BTreeMap<String, String>,
+}
+
+/// Locks by name, so that concurrent pulls of one layer download it once.
+#[derive(Default)]
+struct KeyedLocks {
+    locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+}
+
+impl KeyedLocks {
+    async fn lock(&self, key: &str) -> OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.retain(|_, weak| weak.strong_count() > 0);
+            match locks.get(key).and_then(Weak::upgrade) {
+                Some(lock) => lock,
+                None => {
+                    let lock = Arc::new(tokio::sync::Mutex::new(()));
+                    locks.insert(key.to_string(), Arc::downgrade(&lock));
+                    lock
+                }
+            }
+        };
+        lock.lock_owned().await
+    }
+}
+
+pub struct Puller {
+    content: ContentStore,
+    layers: LayerStore,
+    registries: Vec<RegistryConfig>,
+    config: ImageConfig,
+    auth_file: AuthStore,
+    platform: Platform,
+    locks: KeyedLocks,
+}
+
+/// One endpoint's client and names for one pull.
+struct Session<'a> {
+    endpoint: &'a Endpoint,
+    name: String,
+    client: Client,
+    auth: RegistryAuth,
+}
+
+impl Session<'_> {
+    fn reference_for(&self, image: &Reference) -> OciReference {
+        let (host, repo) = (self.endpoint.host.clone(), self.endpoint.repository.clone());
+        match (image.digest(), image.tag()) {
+            (Some(digest), _) => OciReference::with_digest(host, repo, digest.to_string()),
+            (None, Some(tag)) => OciReference::with_tag(host, repo, tag.to_string()),
+            (None, None) => OciReference::with_tag(host, repo, "latest".to_string()),
+        }
+    }
+
+    fn reference_by_digest(&self, digest: &Digest) -> OciReference {
+        OciReference::with_digest(
+            self.endpoint.host.clone(),
+            self.endpoint.repository.clone(),
+            digest.to_string(),
+        )
+    }
+
+    fn registry_err(&self, e: impl std::fmt::Display) -> PullError {
+        PullError::Registry {
+            endpoint: self.name.clone(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl Puller {
+    pub fn new(
+        content: ContentStore,
+        layers: LayerStore,
+        registries: Vec<RegistryConfig>,
+        config: ImageConfig,
+    ) -> Result<Puller, AuthError> {
+        let auth_file = AuthStore::load(&config.auth_file)?;
+        Ok(Puller {
+            content,
+            layers,
+            registries,
+            config,
+            auth_file,
+            platform: manifest::node_platform(),
+            locks: KeyedLocks::default(),
+        })
+    }
+
+    /// Pulls `image`, trying each endpoint in turn; the error names every
+    /// endpoint tried and why it failed.
+    pub async fn pull(
+        &self,
+        image: &Reference,
+        credentials: &Credentials,
+    ) -> Result<Pulled, PullError> {
+        let endpoints = mirrors::endpoints(image, &self.registries, self.config.insecure_loopback)?;
+        let mut attempts = Vec::new();
+        for endpoint in &endpoints {
+            let attempt = async {
+                let session = self.session(image, endpoint, credentials)?;
+                self.pull_from(image, &session).await
+            };
+            match attempt.await {
+                Ok(pulled) => return Ok(pulled),
+                Err(e) => {
+                    tracing::info!(image = %image, endpoint = %endpoint.host, "pull attempt failed: {e}");
+                    attempts.push(e.to_string());
+                }
+            }
+        }
+        Err(PullError::Failed {
+            image: image.to_string(),
+            attempts,
+        })
+    }
+
+    fn session<'a>(
+        &self,
+        image: &Reference,
+        endpoint: &'a Endpoint,
+        credentials: &Credentials,
+    ) -> Result<Session<'a>, PullError> {
+        let scheme = if endpoint.insecure { "http" } else { "https" };
+        let name = format!("{scheme}://{}/{}", endpoint.host, endpoint.repository);
+        // kubelet's credentials are for the image's own registry; mirrors
+        // and everything else get theirs from the auth file.
+        let auth = if !endpoint.is_mirror && !credentials.is_empty() {
+            credentials.to_registry_auth(image.domain())?
+        } else {
+            let file_entry = self.auth_file.get(&endpoint.host).or_else(|| {
+                (!endpoint.is_mirror)
+                    .then(|| self.auth_file.get(image.domain()))
+                    .flatten()
+            });
+            match file_entry {
+                Some(creds) => creds.to_registry_auth(&endpoint.host)?,
+                None => RegistryAuth::Anonymous,
+            }
+        };
+        let client = Client::new(ClientConfig {
+            protocol: if endpoint.insecure {
+                ClientProtocol::Http
+            } else {
+                ClientProtocol::Https
+            },
+            platform_resolver: None,
+            max_concurrent_download: self.config.max_concurrent_downloads,
+            connect_timeout: Some(CONNECT_TIMEOUT),
+            read_timeout: Some(self.progress_timeout()),
+            ..ClientConfig::default()
+        });
+        Ok(Session {
+            endpoint,
+            name,
+            client,
+            auth,
+        })
+    }
+
+    fn progress_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.pull_progress_timeout_secs)
+    }
+
+    async fn pull_from(
+        &self,
+        image: &Reference,
+        session: &Session<'_>,
+    ) -> Result<Pulled, PullError> {
+        let top = self
+            .fetch_manifest(session, &session.reference_for(image), None)
+            .await?;
+        if let Some(wanted) = image.digest()
+            && wanted != &top.0
+        {
+            return Err(PullError::Mismatch {
+                endpoint: session.name.clone(),
+                what: "manifest",
+                expected: wanted.to_string(),
+                actual: top.0.to_string(),
+            });
+        }
+        let repo_digest = top.0.clone();
+        let mut manifests = vec![top.clone()];
+        let manifest: ImageManifest =
+            match manifest::parse(&top.0.to_string(), &top.1).map_err(|source| {
+                PullError::Manifest {
+                    endpoint: session.name.clone(),
+                    source,
+                }
+            })? {
+                Fetched::Image(m) => m,
+                Fetched::Index(entries) => {
+                    let entry = manifest::select(&top.0.to_string(), &entries, &self.platform)
+                        .map_err(|source| PullError::Manifest {
+                            endpoint: session.name.clone(),
+                            source,
+                        })?;
+                    let digest =
+                        entry
+                            .digest(&top.0.to_string())
+                            .map_err(|source| PullError::Manifest {
+                                endpoint: session.name.clone(),
+                                source,
+                            })?;
+                    let child = self
+                        .fetch_manifest(session, &session.reference_by_digest(&digest), Some(entry))
+                        .await?;
+                    let parsed =
+                        manifest::parse(&digest.to_string(), &child.1).map_err(|source| {
+                            PullError::Manifest {
+                                endpoint: session.name.clone(),
+                                source,
+                            }
+                        })?;
+                    manifests.push(child);
+                    match parsed {
+                        Fetched::Image(m) => m,
+                        Fetched::Index(_) => {
+                            return Err(session.registry_err(format!(
+                                "index {digest} names another index for this platform"
+                            )));
+                        }
+                    }
+                }
+            };
+
+        let config_digest =
+            manifest
+                .config
+                .digest("config")
+                .map_err(|source| PullError::Manifest {
+                    endpoint: session.name.clone(),
+                    source,
+                })?;
+        let config_bytes = self
+            .fetch_config(session, &manifest.config, &config_digest)
+            .await?;
+        let (config, diff_ids) =
+            manifest::parse_config(&config_digest, &config_bytes, manifest.layers.len()).map_err(
+                |source| PullError::Manifest {
+                    endpoint: session.name.clone(),
+                    source,
+                },
+            )?;
+        let chain_ids = manifest::chain_ids(&diff_ids);
+
+        let mut layers = Vec::with_capacity(manifest.layers.len());
+        for ((descriptor, diff_id), chain_id) in manifest.layers.iter().zip(diff_ids).zip(chain_ids)
+        {
+            let digest = descriptor
+                .digest("layer")
+                .map_err(|source| PullError::Manifest {
+                    endpoint: session.name.clone(),
+                    source,
+                })?;
+            layers.push((
+                descriptor,
+                LayerIds {
+                    digest,
+                    diff_id,
+                    chain_id,
+                },
+            ));
+        }
+        let permits = Semaphore::new(self.config.max_concurrent_downloads);
+        let jobs = layers
+            .iter()
+            .map(|(descriptor, ids)| self.ensure_layer(session, descriptor, ids, &permits));
+        futures_util::future::try_join_all(jobs).await?;
+
+        // Manifests go in last: a manifest in the store means its image is whole.
+        for (digest, bytes) in &manifests {
+            self.content.write_bytes(digest, bytes)?;
+        }
+        let size = manifests.last().map_or(0, |(_, b)| b.len() as u64)
+            + config_bytes.len() as u64
+            + manifest.layers.iter().map(|l| l.size).sum::<u64>();
+        let mut blobs: Vec<Digest> = manifests.iter().map(|(d, _)| d.clone()).collect();
+        blobs.push(config_digest.clone());
+        blobs.extend(layers.iter().map(|(_, ids)| ids.digest.clone()));
+        Ok(Pulled {
+            repo_digest,
+            config_digest,
+            config,
+            layers: layers.into_iter().map(|(_, ids)| ids).collect(),
+            size,
+            blobs,
+            annotations: manifest.annotations,
+        })
+    }
+
+    /// Fetches a manifest; when a descriptor names it, its digest and size
+    /// must match.
+    async fn fetch_manifest(
+        &self,
+        session: &Session<'_>,
+        reference: &OciReference,
+        expected: Option<&Descriptor>,
+    ) -> Result<(Digest, Bytes), PullError> {
+        let (bytes, _) = session
+            .client
+            .pull_manifest_raw(reference, &session.auth, manifest::ACCEPT)
+            .await
+            .map_err(|e| {
+                session.registry_err(format!("fetch manifest {}: {e}", reference.whole()))
+            })?;
+        let digest = Digest::of(&bytes);
+        if let Some(descriptor) = expected {
+            if descriptor.digest != digest.to_string() {
+                return Err(PullError::Mismatch {
+                    endpoint: session.name.clone(),
+                    what: "manifest",
+                    expected: descriptor.digest.clone(),
+                    actual: digest.to_string(),
+                });
+            }
+            if descriptor.size != bytes.len() as u64 {
+                return Err(PullError::Mismatch {
+                    endpoint: session.name.clone(),
+                    what: "manifest size",
+                    expected: descriptor.size.to_string(),
+                    actual: bytes.len().to_string(),
+                });
+            }
+        }
+        Ok((digest, bytes))
+    }
+
+    async fn fetch_config(
+        &self,
+        session: &Session<'_>,
+        descriptor: &Descriptor,
+        digest: &Digest,
+    ) -> Result<Vec<u8>, PullError> {
+        if descriptor.size > manifest::MAX_CONFIG_BYTES {
+            return Err(PullError::Content(ContentError::TooLarge {
+                digest: digest.clone(),
+                limit: manifest::MAX_CONFIG_BYTES,
+            }));
+        }
+        if self.content.contains(digest) {
+            return Ok(self.content.read(digest, manifest::MAX_CONFIG_BYTES)?);
+        }
+        let reference = session.reference_by_digest(digest);
+        let mut stream = session
+            .client
+            .pull_blob_stream(&reference, descriptor.digest.as_str())
+            .await
+            .map_err(|e| session.registry_err(format!("fetch config {digest}: {e}")))?
+            .stream;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|e| session.registry_err(format!("fetch config {digest}: {e}")))?;
+            if (bytes.len() + chunk.len()) as u64 > descriptor.size {
+                return Err(PullError::Content(ContentError::TooLarge {
+                    digest: digest.clone(),
+                    limit: descriptor.size,
+                }));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        let mut writer = self.content.writer(digest, Some(descriptor.size))?;
+        writer.write_chunk(&bytes)?;
+        writer.commit()?;
+        Ok(bytes)
+    }
+
+    /// Makes sure the layer is unpacked: from the content store if its blob
+    /// is there, else streamed from the registry into both the content store
+    /// and the unpacker at once.
+    async fn ensure_layer(
+        &self,
+        session: &Session<'_>,
+        descriptor: &Descriptor,
+        ids: &LayerIds,
+        permits: &Semaphore,
+    ) -> Result<(), PullError> {
+        let _single_flight = self.locks.lock(ids.chain_id.hex()).await;
+        if self.layers.contains(&ids.chain_id) {
+            return Ok(());
+        }
+        let compression =
+            Compression::from_media_type(&descriptor.media_type).map_err(|source| {
+                PullError::MediaType {
+                    endpoint: session.name.clone(),
+                    digest: descriptor.digest.clone(),
+                    source,
+                }
+            })?;
+        let _permit = permits
+            .acquire()
+            .await
+            .map_err(|e| PullError::Task(format!("download permits: {e}")))?;
+        let limits = Limits {
+            max_uncompressed_bytes: descriptor
+                .size
+                .saturating_mul(MAX_EXPANSION)
+                .saturating_add(EXPANSION_SLACK),
+            max_entries: MAX_LAYER_ENTRIES,
+        };
+
+        if self.content.contains(&ids.digest) {
+            let file = self.content.open_blob(&ids.digest)?;
+            let (layers, ids) = (self.layers.clone(), ids.clone());
+            tokio::task::spawn_blocking(move || {
+                layers.unpack(
+                    std::io::BufReader::new(file),
+                    compression,
+                    &ids,
+                    &limits,
+                    || Ok(()),
+                )
+            })
+            .await
+            .map_err(|e| PullError::Task(e.to_string()))??;
+            return Ok(());
+        }
+
+        let reference = session.reference_by_digest(&ids.digest);
+        let mut stream = session
+            .client
+            .pull_blob_stream(&reference, descriptor.digest.as_str())
+            .await
+            .map_err(|e| session.registry_err(format!("fetch layer {}: {e}", ids.digest)))?
+            .stream;
+        let writer = self.content.writer(&ids.digest, Some(descriptor.size))?;
+        let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(CHUNKS_IN_FLIGHT);
+        let tee = Arc::new(Mutex::new(Tee {
+            rx,
+            current: Bytes::new(),
+            writer: Some(writer),
+        }));
+        let (layers, blocking_ids, reader_tee) = (self.layers.clone(), ids.clone(), tee.clone());
+        let unpacker = tokio::task::spawn_blocking(move || {
+            let reader = TeeReader(reader_tee);
+            layers.unpack(reader, compression, &blocking_ids, &limits, move || {
+                commit_tee(&tee)
+            })
+        });
+
+        let timeout = self.progress_timeout();
+        let mut stalled = false;
+        loop {
+            match tokio::time::timeout(timeout, stream.next()).await {
+                Ok(Some(chunk)) => {
+                    let failed = chunk.is_err();
+                    if tx.send(chunk).await.is_err() || failed {
+                        break; // the unpacker stopped (and says why) or the stream broke
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    stalled = true;
+                    let _ = tx
+                        .send(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "download stalled",
+                        )))
+                        .await;
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let result = unpacker.await.map_err(|e| PullError::Task(e.to_string()))?;
+        if stalled {
+            return Err(PullError::Stalled {
+                endpoint: session.name.clone(),
+                secs: timeout.as_secs(),
+            });
+        }
+        result.map(|_| ()).map_err(|e| match e {
+            LayerError::Unpack {
+                source: UnpackError::Read { .. } | UnpackError::Decompress { .. },
+                ..
+            } => session.registry_err(format!("fetch layer {}: {e}", ids.digest)),
+            other => PullError::Layer(other),
+        })
+    }
+}
+
+/// The download's chunks, written to the content store as they are read.
+struct Tee {
+    rx: mpsc::Receiver<std::io::Result<Bytes>>,
+    current: Bytes,
+    writer: Option<BlobWriter>,
+}
+
+impl Tee {
+    /// The next chunk, already in the content store; empty at the end.
+    fn next_chunk(&mut self) -> std::io::Result<Bytes> {
+        match self.rx.blocking_recv() {
+            None => Ok(Bytes::new()),
+            Some(Err(e)) => Err(e),
+            Some(Ok(chunk)) => {
+                if let Some(writer) = self.writer.as_mut() {
+                    writer.write_chunk(&chunk).map_err(|e| {
+                        std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+                    })?;
+                }
+                Ok(chunk)
+            }
+        }
+    }
+}
+
+struct TeeReader(Arc<Mutex<Tee>>);
+
+impl Read for TeeReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut tee = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        while tee.current.is_empty() {
+            let chunk = tee.next_chunk()?;
+            if chunk.is_empty() {
+                return Ok(0);
+            }
+            tee.current = chunk;
+        }
+        let n = buf.len().min(tee.current.len());
+        buf[..n].copy_from_slice(&tee.current[..n]);
+        tee.current = tee.current.slice(n..);
+        Ok(n)
+    }
+}
+
+/// After the unpacker is done: drains what the decompressor did not need
+/// (trailing bytes still belong to the blob) and verifies the blob.
+fn commit_tee(tee: &Arc<Mutex<Tee>>) -> Result<(), LayerError> {
+    let mut tee = tee.lock().unwrap_or_else(|p| p.into_inner());
+    let io_err = |e: std::io::Error| LayerError::Io {
+        op: "download",
+        path: std::path::PathBuf::from("layer blob"),
+        source: e,
+    };
+    loop {
+        let chunk = tee.next_chunk().map_err(io_err)?;
+        if chunk.is_empty() {
+            break;
+        }
+    }
+    let writer = tee
+        .writer
+        .take()
+        .ok_or_else(|| io_err(std::io::Error::other("blob writer already used")))?;
+    writer.commit().map_err(|e| {
+        io_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            e.to_string(),
+        ))
+    })?;
+    Ok(())
+}
