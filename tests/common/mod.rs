@@ -216,3 +216,139 @@ pub fn run_berth(args: &[&str]) -> (ExitStatus, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The test rig's registry and images (hack/test.sh exports where they are).
+pub struct TestImages {
+    pub registry: String,
+    json: serde_json::Value,
+}
+
+impl TestImages {
+    /// The rig, or `None` with the reason printed: a test without it skips.
+    pub fn load() -> Option<TestImages> {
+        let (Ok(registry), Ok(path)) = (
+            std::env::var("BERTH_TEST_REGISTRY"),
+            std::env::var("BERTH_TEST_IMAGES"),
+        ) else {
+            eprintln!(
+                "skipping: no test registry (run through hack/test.sh, which sets BERTH_TEST_REGISTRY and BERTH_TEST_IMAGES)"
+            );
+            return None;
+        };
+        let text = std::fs::read_to_string(&path).expect("read BERTH_TEST_IMAGES");
+        Some(TestImages {
+            registry,
+            json: serde_json::from_str(&text).expect("images.json is JSON"),
+        })
+    }
+
+    /// One image's entry from images.json (`busybox`, `nonroot`, …).
+    pub fn image(&self, key: &str) -> &serde_json::Value {
+        let image = &self.json["images"][key];
+        assert!(image.is_object(), "no image {key} in images.json");
+        image
+    }
+
+    pub fn reference(&self, key: &str) -> String {
+        self.image(key)["reference"]
+            .as_str()
+            .expect("reference")
+            .to_string()
+    }
+
+    pub fn str(&self, key: &str, field: &str) -> String {
+        self.image(key)[field]
+            .as_str()
+            .unwrap_or_else(|| panic!("{key}.{field}"))
+            .to_string()
+    }
+
+    pub fn u64(&self, key: &str, field: &str) -> u64 {
+        self.image(key)[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key}.{field}"))
+    }
+}
+
+/// A config that lets berth talk plain HTTP to the loopback test registry.
+pub const LOOPBACK_REGISTRY_CONFIG: &str = "[image]\ninsecure_loopback = true\n";
+
+/// A TCP proxy on 127.0.0.1 in front of `upstream` that counts the HTTP
+/// requests passing through, by request line. Stops when dropped.
+pub struct CountingProxy {
+    pub address: String,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingProxy {
+    pub async fn start(upstream: &str) -> CountingProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let address = listener.local_addr().expect("proxy address").to_string();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let upstream = upstream.to_string();
+        let seen = requests.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let up = async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match client_read.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            // Request lines start a request; bodies of
+                            // pulls are empty, so this sees each request.
+                            for line in String::from_utf8_lossy(&buf[..n]).lines() {
+                                if line.starts_with("GET ") || line.starts_with("HEAD ") {
+                                    seen.lock().expect("requests").push(line.to_string());
+                                }
+                            }
+                            if server_write.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = server_write.shutdown().await;
+                    };
+                    let down = async move {
+                        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                        let _ = client_write.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        CountingProxy {
+            address,
+            requests,
+            task,
+        }
+    }
+
+    /// How many requests had a request line containing `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.requests
+            .lock()
+            .expect("requests")
+            .iter()
+            .filter(|line| line.contains(needle))
+            .count()
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
