@@ -9,5 +9,6 @@ pub mod manifest;
 pub mod mirrors;
 pub mod pull;
 pub mod reference;
+pub mod snapshot;
 pub mod store;
 pub mod unpack;

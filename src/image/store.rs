@@ -345,7 +345,7 @@ fn resolve_in(records: &[ImageRecord], name: &str) -> Result<Option<ImageRecord>
 }
 
 /// Bytes (allocated blocks) and inodes under `dir`; hard links counted once.
-fn disk_usage(dir: &Path) -> DiskUsage {
+pub(crate) fn disk_usage(dir: &Path) -> DiskUsage {
     use std::os::unix::fs::MetadataExt;
     let mut usage = DiskUsage::default();
     let mut seen = BTreeSet::new();
