@@ -35,6 +35,10 @@ enum Command {
     Config(DirFlags),
     /// Print berth's version and the CRI API version it speaks.
     Version,
+    /// Internal: supervise one container (started by the daemon with
+    /// `--config <bundle>/monitor.json`).
+    #[command(hide = true)]
+    Monitor,
 }
 
 /// Flags that override the configuration files, so that scripts and tests
@@ -115,6 +119,16 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             let config = cli.load_config(flags)?;
             print!("{}", config.to_toml());
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Monitor => {
+            let path = cli
+                .config
+                .as_deref()
+                .context("monitor needs --config <bundle>/monitor.json")?;
+            // Logs go to the monitor's stderr (its own log file); the
+            // subscriber starts no thread, so the monitor stays single-threaded.
+            crate::logging::init(LogLevel::Info, LogFormat::Text);
+            Ok(crate::monitor::run(path))
         }
         Command::Version => {
             println!("berth {}", env!("CARGO_PKG_VERSION"));

@@ -6,9 +6,8 @@
 //! digest and size its parent names, and every layer's uncompressed content
 //! against the config's diffID, before anything becomes visible.
 
-use std::collections::HashMap;
 use std::io::Read;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,7 +15,7 @@ use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference as OciReference};
-use tokio::sync::{OwnedMutexGuard, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 
 use crate::config::{ImageConfig, RegistryConfig};
 use crate::image::auth::{AuthError, AuthStore, Credentials};
@@ -29,6 +28,7 @@ use crate::image::manifest::{
 use crate::image::mirrors::{self, Endpoint, MirrorError};
 use crate::image::reference::Reference;
 use crate::image::unpack::{Compression, Limits, UnpackError};
+use crate::locks::KeyedLocks;
 
 /// gzip cannot expand more than ~1032:1; a layer that claims more is a bomb.
 const MAX_EXPANSION: u64 = 1100;
@@ -95,30 +95,6 @@ pub struct Pulled {
     /// Every blob the image needs kept: index, manifest, config, layers.
     pub blobs: Vec<Digest>,
     pub annotations: std::collections::BTreeMap<String, String>,
-}
-
-/// Locks by name, so that concurrent pulls of one layer download it once.
-#[derive(Default)]
-struct KeyedLocks {
-    locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
-}
-
-impl KeyedLocks {
-    async fn lock(&self, key: &str) -> OwnedMutexGuard<()> {
-        let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-            locks.retain(|_, weak| weak.strong_count() > 0);
-            match locks.get(key).and_then(Weak::upgrade) {
-                Some(lock) => lock,
-                None => {
-                    let lock = Arc::new(tokio::sync::Mutex::new(()));
-                    locks.insert(key.to_string(), Arc::downgrade(&lock));
-                    lock
-                }
-            }
-        };
-        lock.lock_owned().await
-    }
 }
 
 pub struct Puller {
