@@ -7,11 +7,13 @@
 //! against the config's diffID, before anything becomes visible.
 
 use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference as OciReference};
@@ -76,6 +78,8 @@ pub enum PullError {
         image: String,
         attempts: Vec<String>,
     },
+    #[error("layer {digest}: not fetched, another layer of the image failed")]
+    Cancelled { digest: String },
     #[error("unpack task failed: {0}")]
     Task(String),
 }
@@ -336,13 +340,30 @@ impl Puller {
                 },
             ));
         }
+        // Every layer job is waited for, also after one fails (the others
+        // are told to stop), so that nothing of this pull is still being
+        // written when PullImage answers.
         let permits = Semaphore::new(self.config.max_concurrent_downloads);
-        let jobs = layers
+        let cancel = AtomicBool::new(false);
+        let mut jobs: FuturesUnordered<_> = layers
             .iter()
-            .map(|(descriptor, ids)| self.ensure_layer(session, descriptor, ids, &permits));
-        futures_util::future::try_join_all(jobs).await?;
+            .map(|(descriptor, ids)| self.ensure_layer(session, descriptor, ids, &permits, &cancel))
+            .collect();
+        let mut first_error = None;
+        while let Some(result) = jobs.next().await {
+            if let Err(e) = result {
+                cancel.store(true, Ordering::Relaxed);
+                first_error.get_or_insert(e);
+            }
+        }
+        drop(jobs);
+        if let Some(e) = first_error {
+            return Err(e);
+        }
 
-        // Manifests go in last: a manifest in the store means its image is whole.
+        // Config and manifests go in last: a manifest in the store means its
+        // image is whole.
+        self.content.write_bytes(&config_digest, &config_bytes)?;
         for (digest, bytes) in &manifests {
             self.content.write_bytes(digest, bytes)?;
         }
@@ -434,9 +455,17 @@ impl Puller {
             }
             bytes.extend_from_slice(&chunk);
         }
-        let mut writer = self.content.writer(digest, Some(descriptor.size))?;
-        writer.write_chunk(&bytes)?;
-        writer.commit()?;
+        // Verified here, stored only once the whole image is: a pull that
+        // fails later must not leave its config behind.
+        let actual = Digest::of(&bytes);
+        if &actual != digest || bytes.len() as u64 != descriptor.size {
+            return Err(PullError::Mismatch {
+                endpoint: session.name.clone(),
+                what: "config",
+                expected: format!("{digest} ({} bytes)", descriptor.size),
+                actual: format!("{actual} ({} bytes)", bytes.len()),
+            });
+        }
         Ok(bytes)
     }
 
@@ -449,10 +478,17 @@ impl Puller {
         descriptor: &Descriptor,
         ids: &LayerIds,
         permits: &Semaphore,
+        cancel: &AtomicBool,
     ) -> Result<(), PullError> {
         let _single_flight = self.locks.lock(ids.chain_id.hex()).await;
         if self.layers.contains(&ids.chain_id) {
             return Ok(());
+        }
+        let cancelled = || PullError::Cancelled {
+            digest: ids.digest.to_string(),
+        };
+        if cancel.load(Ordering::Relaxed) {
+            return Err(cancelled());
         }
         let compression =
             Compression::from_media_type(&descriptor.media_type).map_err(|source| {
@@ -499,10 +535,11 @@ impl Puller {
             .map_err(|e| session.registry_err(format!("fetch layer {}: {e}", ids.digest)))?
             .stream;
         let writer = self.content.writer(&ids.digest, Some(descriptor.size))?;
-        let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(CHUNKS_IN_FLIGHT);
+        let (tx, rx) = mpsc::channel::<std::io::Result<Option<Bytes>>>(CHUNKS_IN_FLIGHT);
         let tee = Arc::new(Mutex::new(Tee {
             rx,
             current: Bytes::new(),
+            ended: false,
             writer: Some(writer),
         }));
         let (layers, blocking_ids, reader_tee) = (self.layers.clone(), ids.clone(), tee.clone());
@@ -515,15 +552,24 @@ impl Puller {
 
         let timeout = self.progress_timeout();
         let mut stalled = false;
+        let mut aborted = false;
         loop {
+            if cancel.load(Ordering::Relaxed) {
+                // No end marker: the unpacker fails and removes its work.
+                aborted = true;
+                break;
+            }
             match tokio::time::timeout(timeout, stream.next()).await {
                 Ok(Some(chunk)) => {
                     let failed = chunk.is_err();
-                    if tx.send(chunk).await.is_err() || failed {
+                    if tx.send(chunk.map(Some)).await.is_err() || failed {
                         break; // the unpacker stopped (and says why) or the stream broke
                     }
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    let _ = tx.send(Ok(None)).await;
+                    break;
+                }
                 Err(_) => {
                     stalled = true;
                     let _ = tx
@@ -538,6 +584,9 @@ impl Puller {
         }
         drop(tx);
         let result = unpacker.await.map_err(|e| PullError::Task(e.to_string()))?;
+        if aborted {
+            return Err(cancelled());
+        }
         if stalled {
             return Err(PullError::Stalled {
                 endpoint: session.name.clone(),
@@ -556,18 +605,31 @@ impl Puller {
 
 /// The download's chunks, written to the content store as they are read.
 struct Tee {
-    rx: mpsc::Receiver<std::io::Result<Bytes>>,
+    /// `Ok(None)` marks the end of the blob; a channel closed without it is
+    /// a download that stopped early.
+    rx: mpsc::Receiver<std::io::Result<Option<Bytes>>>,
     current: Bytes,
+    ended: bool,
     writer: Option<BlobWriter>,
 }
 
 impl Tee {
     /// The next chunk, already in the content store; empty at the end.
     fn next_chunk(&mut self) -> std::io::Result<Bytes> {
+        if self.ended {
+            return Ok(Bytes::new());
+        }
         match self.rx.blocking_recv() {
-            None => Ok(Bytes::new()),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "download stopped before the end of the blob",
+            )),
             Some(Err(e)) => Err(e),
-            Some(Ok(chunk)) => {
+            Some(Ok(None)) => {
+                self.ended = true;
+                Ok(Bytes::new())
+            }
+            Some(Ok(Some(chunk))) => {
                 if let Some(writer) = self.writer.as_mut() {
                     writer.write_chunk(&chunk).map_err(|e| {
                         std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())

@@ -128,8 +128,21 @@ impl ImageStore {
         let requested = Reference::parse(name)?;
         // containerd keeps only the digest of `name:tag@digest`.
         let image = requested.docker_ref();
-        let _pulling = self.collector.read().await;
-        let pulled = self.puller.pull(&image, credentials).await?;
+        let pulling = self.collector.read().await;
+        let pulled = match self.puller.pull(&image, credentials).await {
+            Ok(pulled) => pulled,
+            Err(e) => {
+                // What the failed pull stored (layers that did arrive) is
+                // collected once no other pull is running.
+                drop(pulling);
+                let _collecting = self.collector.write().await;
+                let this = self.clone();
+                if let Err(gc) = blocking(move || this.collect_garbage()).await? {
+                    tracing::warn!("collect after failed pull: {gc}");
+                }
+                return Err(e.into());
+            }
+        };
         let tag = image.digest().is_none().then(|| image.to_string());
         let repo_digest = image.with_digest(pulled.repo_digest.clone()).to_string();
         let this = self.clone();
