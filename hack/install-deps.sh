@@ -16,8 +16,10 @@ PACKAGES=(
     protobuf-compiler           # protoc, for the CRI protos (tonic-build)
     docker-registry             # /usr/bin/docker-registry, hack/registry.sh
     busybox-static              # /bin/busybox, the content of the test images
-    containernetworking-plugins # bridge/host-local/loopback for CNI tests
+    containernetworking-plugins # bridge/host-local/portmap/loopback for CNI tests
+    iptables                    # what Debian's portmap plugin programs (CNI tests)
     iproute2                    # ip, ss
+    nftables                    # nft: the built-in network's hostPort and masquerade rules
     zstd                        # the zstd test image layer
     curl                        # registry.sh readiness checks
     python3                     # build-test-images.py, free port selection

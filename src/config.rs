@@ -110,6 +110,15 @@ pub struct NetworkConfig {
     /// The built-in network's pod CIDR, used until kubelet sends one with
     /// `UpdateRuntimeConfig`.
     pub pod_cidr: ipnet::IpNet,
+    /// A CNI plugin that runs longer than this is killed and its call fails.
+    pub plugin_timeout_secs: u64,
+    /// The built-in network's Linux bridge.
+    pub bridge: String,
+    /// The nftables table (family `inet`) berth owns for the built-in
+    /// network's hostPorts and masquerade.
+    pub nft_table: String,
+    /// Masquerade the built-in network's traffic leaving the pod CIDR.
+    pub masquerade: bool,
 }
 
 impl Default for NetworkConfig {
@@ -122,6 +131,10 @@ impl Default for NetworkConfig {
                 ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(10, 88, 0, 0), 16)
                     .expect("10.88.0.0/16 is a valid network"),
             ),
+            plugin_timeout_secs: 30,
+            bridge: "berth0".to_string(),
+            nft_table: "berth".to_string(),
+            masquerade: true,
         }
     }
 }
@@ -386,6 +399,44 @@ impl Config {
                 }
             }
         }
+        if self.network.plugin_timeout_secs == 0 || self.network.plugin_timeout_secs > 3600 {
+            return Err(invalid(
+                "network.plugin_timeout_secs",
+                format!(
+                    "{} is not between 1 and 3600",
+                    self.network.plugin_timeout_secs
+                ),
+            ));
+        }
+        let bridge = &self.network.bridge;
+        if bridge.is_empty()
+            || bridge.len() > 15
+            || !bridge
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(invalid(
+                "network.bridge",
+                format!(
+                    "{bridge:?} is not an interface name (1 to 15 letters, digits, '-', '_', '.')"
+                ),
+            ));
+        }
+        let table = &self.network.nft_table;
+        if table.is_empty()
+            || table.len() > 64
+            || !table.starts_with(|c: char| c.is_ascii_alphabetic())
+            || !table
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(invalid(
+                "network.nft_table",
+                format!(
+                    "{table:?} is not a table name (a letter, then up to 63 letters, digits or '_')"
+                ),
+            ));
+        }
         if self.network.pod_cidr.prefix_len() + 2 > self.network.pod_cidr.max_prefix_len() {
             return Err(invalid(
                 "network.pod_cidr",
@@ -646,6 +697,31 @@ mod tests {
             .expect_err("bad cidr")
             .to_string();
         assert!(text.contains("`network.pod_cidr`"), "{text}");
+    }
+
+    #[test]
+    fn builtin_network_keys_are_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (toml, key) in [
+            ("bridge = \"a-bridge-name-too-long\"", "network.bridge"),
+            ("bridge = \"br/0\"", "network.bridge"),
+            ("nft_table = \"9table\"", "network.nft_table"),
+            ("plugin_timeout_secs = 0", "network.plugin_timeout_secs"),
+        ] {
+            let main = write(dir.path(), "config.toml", &format!("[network]\n{toml}\n"));
+            let text = Config::load(&main, true, &Overrides::default())
+                .expect_err(toml)
+                .to_string();
+            assert!(text.contains(&format!("`{key}`")), "{toml}: {text}");
+        }
+        let main = write(
+            dir.path(),
+            "config.toml",
+            "[network]\nbridge = \"cni-test0\"\nnft_table = \"berth_t1\"\nmasquerade = false\nplugin_timeout_secs = 5\n",
+        );
+        let config = Config::load(&main, true, &Overrides::default()).expect("valid keys");
+        assert_eq!(config.network.bridge, "cni-test0");
+        assert!(!config.network.masquerade);
     }
 
     #[test]

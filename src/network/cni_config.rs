@@ -31,6 +31,12 @@ pub struct NetworkList {
     pub cni_version: String,
     /// The plugin types, in chain order, for finding their binaries.
     pub plugin_types: Vec<String>,
+    /// The plugin configurations, in chain order, as the file has them.
+    pub plugins: Vec<serde_json::Value>,
+    /// The network as a `.conflist` document (a single-plugin `.conf` made
+    /// into one, as libcni does): what the result cache keeps, so that DEL
+    /// uses the configuration of the ADD.
+    pub bytes: Vec<u8>,
 }
 
 #[derive(Deserialize)]
@@ -88,11 +94,33 @@ pub fn load(path: &Path) -> Result<NetworkList, CniConfigError> {
         return Err(invalid(format!("larger than {MAX_CONFIG_BYTES} bytes")));
     }
     let bytes = std::fs::read(path).map_err(|e| invalid(format!("read: {e}")))?;
+    parse(path, &bytes)
+}
+
+/// Checks one configuration document; `path` names it in errors and says by
+/// its extension whether it is a list.
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<NetworkList, CniConfigError> {
+    parse_as(
+        path,
+        bytes,
+        path.extension().is_some_and(|e| e == "conflist"),
+    )
+}
+
+/// Checks a `.conflist` document that `origin` (a cache file) holds.
+pub fn parse_list(origin: &Path, bytes: &[u8]) -> Result<NetworkList, CniConfigError> {
+    parse_as(origin, bytes, true)
+}
+
+fn parse_as(path: &Path, bytes: &[u8], is_list: bool) -> Result<NetworkList, CniConfigError> {
+    let invalid = |message: String| CniConfigError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    };
     let raw: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|e| invalid(format!("not JSON: {e}")))?;
+        serde_json::from_slice(bytes).map_err(|e| invalid(format!("not JSON: {e}")))?;
     let parsed: RawList = serde_json::from_value(raw.clone())
         .map_err(|e| invalid(format!("not a CNI configuration: {e}")))?;
-    let is_list = path.extension().is_some_and(|e| e == "conflist");
     let name = parsed
         .name
         .filter(|n| !n.is_empty())
@@ -127,11 +155,23 @@ pub fn load(path: &Path) -> Result<NetworkList, CniConfigError> {
                 .ok_or_else(|| invalid(format!("plugin {i} has no valid `type`")))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let bytes = if is_list {
+        bytes.to_vec()
+    } else {
+        serde_json::to_vec(&serde_json::json!({
+            "cniVersion": cni_version,
+            "name": name,
+            "plugins": plugins,
+        }))
+        .map_err(|e| invalid(format!("encode as a list: {e}")))?
+    };
     Ok(NetworkList {
         path: path.to_path_buf(),
         name,
         cni_version,
         plugin_types,
+        plugins,
+        bytes,
     })
 }
 
