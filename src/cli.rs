@@ -39,6 +39,26 @@ enum Command {
     /// `--config <bundle>/monitor.json`).
     #[command(hide = true)]
     Monitor,
+    /// Internal: make a pod's namespaces and pin them (run by the daemon).
+    #[command(hide = true)]
+    NsPin(NsPinArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct NsPinArgs {
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long)]
+    net: bool,
+    #[arg(long)]
+    ipc: bool,
+    #[arg(long)]
+    uts: bool,
+    #[arg(long, default_value = "")]
+    hostname: String,
+    /// `key=value`, repeated.
+    #[arg(long)]
+    sysctl: Vec<String>,
 }
 
 /// Flags that override the configuration files, so that scripts and tests
@@ -129,6 +149,26 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             // subscriber starts no thread, so the monitor stays single-threaded.
             crate::logging::init(LogLevel::Info, LogFormat::Text);
             Ok(crate::monitor::run(path))
+        }
+        Command::NsPin(args) => {
+            let sysctls = args
+                .sysctl
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .ok_or_else(|| anyhow::anyhow!("--sysctl {kv:?} is not key=value"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let request = crate::sandbox::namespaces::PinRequest {
+                net: args.net,
+                ipc: args.ipc,
+                uts: args.uts,
+                hostname: args.hostname.clone(),
+                sysctls,
+            };
+            crate::sandbox::namespaces::pin_main(&args.dir, &request)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Version => {
             println!("berth {}", env!("CARGO_PKG_VERSION"));

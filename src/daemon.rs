@@ -21,8 +21,10 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::executor::cgroups::CgroupManager;
 use crate::image::store::{ImageError, ImageStore};
-use crate::network::{self, Readiness};
+use crate::network::{Network, NetworkError, Readiness};
+use crate::sandbox::{SandboxError, SandboxManager};
 use crate::store::{Kind, Store, StoreError};
 
 /// How long in-flight calls may run after a shutdown signal. kubelet and
@@ -70,6 +72,10 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error("image store: {0}")]
     Images(#[from] ImageError),
+    #[error("pod network: {0}")]
+    Network(#[from] NetworkError),
+    #[error("recover pod sandboxes: {0}")]
+    Sandboxes(#[from] SandboxError),
     #[error("start async runtime: {0}")]
     Runtime(std::io::Error),
     #[error("install signal handler: {0}")]
@@ -83,6 +89,8 @@ pub struct Daemon {
     pub config: Config,
     pub store: Store,
     pub images: Arc<ImageStore>,
+    pub network: Arc<Network>,
+    pub sandboxes: Arc<SandboxManager>,
     /// The pod CIDRs kubelet gave with `UpdateRuntimeConfig`, if any.
     pod_cidrs: RwLock<Vec<ipnet::IpNet>>,
 }
@@ -90,21 +98,49 @@ pub struct Daemon {
 /// The store key of the pod CIDRs kubelet sent.
 const POD_CIDRS_KEY: &str = "pod_cidrs";
 
+fn pod_cidrs_of(store: &Store) -> Result<Vec<ipnet::IpNet>, StoreError> {
+    Ok(store.get(Kind::Runtime, POD_CIDRS_KEY)?.unwrap_or_default())
+}
+
 impl Daemon {
     /// Builds the daemon's state from the config and what the store kept
     /// from earlier runs.
     pub fn new(config: Config, store: Store) -> Result<Self, DaemonError> {
-        let pod_cidrs = store.get(Kind::Runtime, POD_CIDRS_KEY)?.unwrap_or_default();
+        let pod_cidrs = pod_cidrs_of(&store)?;
         let images = ImageStore::open(
             &config.root,
             store.clone(),
             config.registries.clone(),
             config.image.clone(),
         )?;
+        let network = Arc::new(Network::new(
+            &config.network,
+            &config.root,
+            &config.state,
+            store.clone(),
+        )?);
+        if !pod_cidrs.is_empty() {
+            network.set_pod_cidrs(pod_cidrs.clone());
+        }
+        let cgroups = match CgroupManager::detect(config.cgroup_driver) {
+            Ok(cgroups) => Some(cgroups),
+            Err(e) => {
+                warn!("no cgroup hierarchy usable for pod cgroups: {e}");
+                None
+            }
+        };
+        let sandboxes = Arc::new(SandboxManager::new(
+            store.clone(),
+            &config.state,
+            network.clone(),
+            cgroups,
+        ));
         Ok(Daemon {
             config,
             store,
             images,
+            network,
+            sandboxes,
             pod_cidrs: RwLock::new(pod_cidrs),
         })
     }
@@ -131,6 +167,7 @@ impl Daemon {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if *current != cidrs {
             self.store.put(Kind::Runtime, POD_CIDRS_KEY, &cidrs)?;
+            self.network.set_pod_cidrs(cidrs.clone());
             info!(?cidrs, "pod CIDRs updated");
             *current = cidrs;
         }
@@ -155,7 +192,7 @@ impl Daemon {
     }
 
     pub fn network_readiness(&self) -> Readiness {
-        network::readiness(&self.config.network)
+        self.network.readiness()
     }
 }
 
@@ -206,6 +243,8 @@ async fn serve(daemon: Arc<Daemon>, socket: &Path) -> Result<(), DaemonError> {
     let listener = UnixListener::bind(socket).map_err(|e| socket_err("bind", e))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
         .map_err(|e| socket_err("chmod 0660", e))?;
+    // Pods a crash left half-made are undone before anyone can see them.
+    daemon.sandboxes.recover().await?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
 

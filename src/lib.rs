@@ -16,5 +16,6 @@ pub mod logging;
 pub mod logs;
 pub mod monitor;
 pub mod network;
+pub mod sandbox;
 pub mod server;
 pub mod store;

@@ -10,6 +10,7 @@ use crate::image::auth::AuthError;
 use crate::image::mirrors::MirrorError;
 use crate::image::pull::PullError;
 use crate::image::store::ImageError;
+use crate::sandbox::SandboxError;
 use crate::store::StoreError;
 
 /// An RPC whose capability is not built yet. CRI clients treat
@@ -54,6 +55,30 @@ impl From<ImageError> for Status {
             | ImageError::Content(_)
             | ImageError::Layer(_)
             | ImageError::Task(_) => Status::internal(message),
+        }
+    }
+}
+
+impl From<SandboxError> for Status {
+    fn from(e: SandboxError) -> Self {
+        let message = e.to_string();
+        match e {
+            SandboxError::Invalid { .. } | SandboxError::Ambiguous { .. } => {
+                Status::invalid_argument(message)
+            }
+            SandboxError::NameTaken { .. } => Status::already_exists(message),
+            SandboxError::NotFound(_) => Status::not_found(message),
+            SandboxError::Pin(crate::sandbox::namespaces::PinError::Sysctl(_)) => {
+                Status::invalid_argument(message)
+            }
+            // A plugin's own words are in the message; kubelet retries.
+            SandboxError::Network(_) => Status::unknown(message),
+            SandboxError::Store(_)
+            | SandboxError::Pin(_)
+            | SandboxError::Files(_)
+            | SandboxError::Cgroup(_)
+            | SandboxError::Io { .. }
+            | SandboxError::Task(_) => Status::internal(message),
         }
     }
 }

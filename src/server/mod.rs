@@ -4,6 +4,7 @@
 mod error;
 mod image;
 mod runtime;
+mod sandbox;
 
 use std::sync::Arc;
 

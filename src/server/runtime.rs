@@ -12,6 +12,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::error::{invalid, not_built};
+use super::sandbox;
 use crate::config::CgroupDriver as ConfigCgroupDriver;
 use crate::daemon::Daemon;
 use crate::network::Readiness;
@@ -21,7 +22,6 @@ const KUBE_API_VERSION: &str = "0.1.0";
 const RUNTIME_NAME: &str = "berth";
 const RUNTIME_API_VERSION: &str = "v1";
 
-const PODS: &str = "pod sandboxes";
 const CONTAINERS: &str = "the container lifecycle";
 const STATS: &str = "container and pod statistics";
 const STREAMING: &str = "the streaming server (exec, attach, port-forward)";
@@ -148,37 +148,53 @@ impl RuntimeService for Runtime {
 
     async fn run_pod_sandbox(
         &self,
-        _request: Request<RunPodSandboxRequest>,
+        request: Request<RunPodSandboxRequest>,
     ) -> Result<Response<RunPodSandboxResponse>, Status> {
-        Err(not_built("RunPodSandbox", PODS))
+        Ok(Response::new(
+            sandbox::run(&self.daemon.sandboxes, request.into_inner()).await?,
+        ))
     }
 
     async fn stop_pod_sandbox(
         &self,
-        _request: Request<StopPodSandboxRequest>,
+        request: Request<StopPodSandboxRequest>,
     ) -> Result<Response<StopPodSandboxResponse>, Status> {
-        Err(not_built("StopPodSandbox", PODS))
+        let id = request.into_inner().pod_sandbox_id;
+        if id.is_empty() {
+            return Err(invalid("pod_sandbox_id", "an id is required"));
+        }
+        self.daemon.sandboxes.stop(&id).await?;
+        Ok(Response::new(StopPodSandboxResponse {}))
     }
 
     async fn remove_pod_sandbox(
         &self,
-        _request: Request<RemovePodSandboxRequest>,
+        request: Request<RemovePodSandboxRequest>,
     ) -> Result<Response<RemovePodSandboxResponse>, Status> {
-        Err(not_built("RemovePodSandbox", PODS))
+        let id = request.into_inner().pod_sandbox_id;
+        if id.is_empty() {
+            return Err(invalid("pod_sandbox_id", "an id is required"));
+        }
+        self.daemon.sandboxes.remove(&id).await?;
+        Ok(Response::new(RemovePodSandboxResponse {}))
     }
 
     async fn pod_sandbox_status(
         &self,
-        _request: Request<PodSandboxStatusRequest>,
+        request: Request<PodSandboxStatusRequest>,
     ) -> Result<Response<PodSandboxStatusResponse>, Status> {
-        Err(not_built("PodSandboxStatus", PODS))
+        let request = request.into_inner();
+        let pod = self.daemon.sandboxes.get(&request.pod_sandbox_id).await?;
+        Ok(Response::new(sandbox::status(&pod, request.verbose)?))
     }
 
     async fn list_pod_sandbox(
         &self,
-        _request: Request<ListPodSandboxRequest>,
+        request: Request<ListPodSandboxRequest>,
     ) -> Result<Response<ListPodSandboxResponse>, Status> {
-        Err(not_built("ListPodSandbox", PODS))
+        Ok(Response::new(
+            sandbox::list(&self.daemon.sandboxes, request.into_inner().filter).await?,
+        ))
     }
 
     async fn create_container(

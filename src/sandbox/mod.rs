@@ -1,0 +1,679 @@
+//! Pod sandboxes: the namespaces, cgroup, files and network a pod's
+//! containers share. No pause image and no process: namespaces are pinned
+//! by bind mounts under `<state>/pods/<id>/ns/`.
+//!
+//! The record is written before anything is made (state `Creating`) so a
+//! crash at any step is undone on the next start; every step of
+//! RunPodSandbox registers its undo, and a failed run leaves nothing, not
+//! even the name reservation.
+
+pub mod files;
+pub mod namespaces;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use k8s_cri::v1::{
+    NamespaceMode, PodSandboxConfig, PortMapping as CriPortMapping, Protocol as CriProtocol,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::executor::cgroups::{CgroupError, CgroupManager};
+use crate::locks::KeyedLocks;
+use crate::network::{
+    Network, NetworkError, PodNetworkRequest, PodNetworkStatus, PortMapping, Protocol,
+};
+use crate::store::{Kind, Store, StoreError};
+use files::{Dns, FilesError};
+use namespaces::{PinError, PinRequest};
+
+/// Runtime handler names that mean berth's own executor.
+pub const HANDLERS: &[&str] = &["", "berth"];
+const MAX_NAME_BYTES: usize = 253;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("pod sandbox {name} already exists with id {id}")]
+    NameTaken { name: String, id: String },
+    #[error("pod sandbox {0} not found")]
+    NotFound(String),
+    #[error("pod sandbox id prefix {prefix:?} matches several pods: {ids}")]
+    Ambiguous { prefix: String, ids: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    #[error(transparent)]
+    Files(#[from] FilesError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("sandbox task failed: {0}")]
+    Task(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PodState {
+    /// Being made; undone on restart if the daemon died meanwhile.
+    Creating,
+    Ready,
+    NotReady,
+}
+
+/// What the metadata store keeps of a pod.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodRecord {
+    pub id: String,
+    /// kubelet's config as sent; containers read labels, log dir, DNS and
+    /// security settings from it.
+    pub config: PodSandboxConfig,
+    pub runtime_handler: String,
+    pub state: PodState,
+    pub created_at: i64,
+    pub dir: PathBuf,
+    pub namespaces: PinRecord,
+    pub network: Option<NetworkRecord>,
+    /// The pod cgroup, when berth made it (kubelet usually has).
+    pub created_cgroup: Option<String>,
+    pub shm: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PinRecord {
+    pub net: bool,
+    pub ipc: bool,
+    pub uts: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    pub ips: Vec<IpAddr>,
+    pub interface: String,
+    pub result: serde_json::Value,
+}
+
+impl PodRecord {
+    pub fn name_key(&self) -> String {
+        name_key(&self.config)
+    }
+
+    /// The pinned namespace file of `kind` (`net`, `ipc`, `uts`), if the pod
+    /// has its own.
+    pub fn namespace_path(&self, kind: &str) -> Option<PathBuf> {
+        let own = match kind {
+            "net" => self.namespaces.net,
+            "ipc" => self.namespaces.ipc,
+            "uts" => self.namespaces.uts,
+            _ => false,
+        };
+        own.then(|| self.dir.join("ns").join(kind))
+    }
+
+    fn pin_request(&self) -> PinRequest {
+        PinRequest {
+            net: self.namespaces.net,
+            ipc: self.namespaces.ipc,
+            uts: self.namespaces.uts,
+            ..PinRequest::default()
+        }
+    }
+}
+
+fn name_key(config: &PodSandboxConfig) -> String {
+    let m = config.metadata.clone().unwrap_or_default();
+    format!("{}_{}_{}_{}", m.name, m.namespace, m.uid, m.attempt)
+}
+
+pub struct SandboxManager {
+    store: Store,
+    pods_dir: PathBuf,
+    network: Arc<Network>,
+    cgroups: Option<CgroupManager>,
+    locks: KeyedLocks,
+    /// Serializes name reservations with the check that precedes them.
+    reserve: tokio::sync::Mutex<()>,
+}
+
+/// Nanoseconds since the epoch, as CRI timestamps are.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+/// 64 random hex characters, as container runtimes name things.
+pub fn new_id() -> Result<String, SandboxError> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    let path = PathBuf::from("/dev/urandom");
+    std::fs::File::open(&path)
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|source| SandboxError::Io {
+            op: "read",
+            path,
+            source,
+        })?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, SandboxError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SandboxError::Task(e.to_string()))
+}
+
+fn mode(value: i32) -> NamespaceMode {
+    NamespaceMode::try_from(value).unwrap_or(NamespaceMode::Pod)
+}
+
+impl SandboxManager {
+    pub fn new(
+        store: Store,
+        state: &Path,
+        network: Arc<Network>,
+        cgroups: Option<CgroupManager>,
+    ) -> Self {
+        SandboxManager {
+            store,
+            pods_dir: state.join("pods"),
+            network,
+            cgroups,
+            locks: KeyedLocks::default(),
+            reserve: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Undoes pods whose creation a crash interrupted.
+    pub async fn recover(self: &Arc<Self>) -> Result<(), SandboxError> {
+        for pod in self.all().await? {
+            if pod.state == PodState::Creating {
+                tracing::warn!(pod = %pod.id, "undoing a pod sandbox whose creation was interrupted");
+                self.teardown(&pod).await?;
+                let (store, id) = (self.store.clone(), pod.id.clone());
+                blocking(move || store.delete(Kind::Pod, &id)).await??;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn all(&self) -> Result<Vec<PodRecord>, SandboxError> {
+        let store = self.store.clone();
+        let pods = blocking(move || store.list::<PodRecord>(Kind::Pod)).await??;
+        Ok(pods.into_iter().map(|(_, p)| p).collect())
+    }
+
+    /// The pod with `id` or a unique prefix of it.
+    pub async fn get(&self, id: &str) -> Result<PodRecord, SandboxError> {
+        if id.is_empty() {
+            return Err(SandboxError::Invalid {
+                field: "pod_sandbox_id",
+                message: "an id is required".into(),
+            });
+        }
+        let pods = self.all().await?;
+        if let Some(pod) = pods.iter().find(|p| p.id == id) {
+            return Ok(pod.clone());
+        }
+        let matches: Vec<&PodRecord> = pods.iter().filter(|p| p.id.starts_with(id)).collect();
+        match matches.as_slice() {
+            [] => Err(SandboxError::NotFound(id.to_string())),
+            [one] => Ok((*one).clone()),
+            many => Err(SandboxError::Ambiguous {
+                prefix: id.to_string(),
+                ids: many
+                    .iter()
+                    .map(|p| p.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    async fn put(&self, pod: &PodRecord) -> Result<(), SandboxError> {
+        let (store, pod) = (self.store.clone(), pod.clone());
+        blocking(move || store.put(Kind::Pod, &pod.id, &pod)).await??;
+        Ok(())
+    }
+
+    /// RunPodSandbox.
+    pub async fn run(
+        self: &Arc<Self>,
+        config: PodSandboxConfig,
+        runtime_handler: &str,
+    ) -> Result<PodRecord, SandboxError> {
+        let pins = validate(&config, runtime_handler)?;
+        let id = new_id()?;
+        let mut pod = PodRecord {
+            id: id.clone(),
+            runtime_handler: runtime_handler.to_string(),
+            state: PodState::Creating,
+            created_at: now_ns(),
+            dir: self.pods_dir.join(&id),
+            namespaces: PinRecord {
+                net: pins.net,
+                ipc: pins.ipc,
+                uts: pins.uts,
+            },
+            network: None,
+            created_cgroup: None,
+            shm: None,
+            config,
+        };
+        self.reserve_name(&pod).await?;
+        let _lock = self.locks.lock(&id).await;
+        match self.make(&mut pod, pins).await {
+            Ok(()) => {
+                pod.state = PodState::Ready;
+                self.put(&pod).await?;
+                Ok(pod)
+            }
+            Err(e) => {
+                tracing::info!(pod = %id, "RunPodSandbox failed, undoing: {e}");
+                if let Err(undo) = self.teardown(&pod).await {
+                    tracing::error!(pod = %id, "undo of a failed RunPodSandbox: {undo}");
+                }
+                let store = self.store.clone();
+                blocking(move || store.delete(Kind::Pod, &id)).await??;
+                Err(e)
+            }
+        }
+    }
+
+    /// Persists the record as `Creating`, refusing a name in use.
+    async fn reserve_name(&self, pod: &PodRecord) -> Result<(), SandboxError> {
+        let _reserve = self.reserve.lock().await;
+        let (store, pod) = (self.store.clone(), pod.clone());
+        blocking(move || {
+            store.write(|batch| {
+                let key = pod.name_key();
+                if let Some((id, _)) = batch
+                    .list::<PodRecord>(Kind::Pod)?
+                    .into_iter()
+                    .find(|(_, other)| other.name_key() == key)
+                {
+                    return Ok(Err(SandboxError::NameTaken { name: key, id }));
+                }
+                batch.put(Kind::Pod, &pod.id, &pod)?;
+                Ok(Ok(()))
+            })
+        })
+        .await??
+    }
+
+    /// The steps of RunPodSandbox; `pod` records each as it is done so that
+    /// `teardown` undoes exactly those.
+    async fn make(&self, pod: &mut PodRecord, pins: PinRequest) -> Result<(), SandboxError> {
+        let dir = pod.dir.clone();
+        blocking({
+            let dir = dir.clone();
+            move || {
+                std::fs::create_dir_all(&dir).map_err(|source| SandboxError::Io {
+                    op: "create",
+                    path: dir.clone(),
+                    source,
+                })
+            }
+        })
+        .await??;
+
+        let ns_dir = dir.join("ns");
+        blocking(move || namespaces::pin(&ns_dir, &pins)).await??;
+
+        if let Some(cgroups) = &self.cgroups {
+            let parent = pod
+                .config
+                .linux
+                .as_ref()
+                .map(|l| l.cgroup_parent.clone())
+                .unwrap_or_default();
+            if !parent.is_empty() {
+                let path = cgroups.pod_path(&parent)?;
+                let exists = cgroups.open(&path).dirs().iter().any(|d| d.is_dir());
+                if !exists {
+                    cgroups.create(&path, None)?;
+                    pod.created_cgroup = Some(parent);
+                    self.put(pod).await?;
+                }
+            }
+        }
+
+        let dns = pod.config.dns_config.as_ref().map(|d| Dns {
+            servers: d.servers.clone(),
+            searches: d.searches.clone(),
+            options: d.options.clone(),
+        });
+        let hostname = pod.config.hostname.clone();
+        let shared_ipc = !pod.namespaces.ipc;
+        let shm = blocking({
+            let dir = dir.clone();
+            move || -> Result<Option<PathBuf>, SandboxError> {
+                files::write_files(&dir, &hostname, dns.as_ref())?;
+                // A pod on the host's IPC namespace uses the host's /dev/shm.
+                if shared_ipc {
+                    return Ok(None);
+                }
+                Ok(Some(files::mount_shm(&dir, files::DEFAULT_SHM_BYTES)?))
+            }
+        })
+        .await??;
+        pod.shm = shm;
+        self.put(pod).await?;
+
+        if pod.namespaces.net {
+            let status = self.network.attach(&network_request(pod)).await?;
+            pod.network = Some(record_of(status));
+        }
+        Ok(())
+    }
+
+    /// Undoes everything a pod may have: network, shm, pins, dir, cgroup.
+    /// Each step tolerates what is already gone, so this is idempotent.
+    async fn teardown(&self, pod: &PodRecord) -> Result<(), SandboxError> {
+        if pod.namespaces.net {
+            self.network.detach(&network_request(pod)).await?;
+        }
+        let (dir, pins) = (pod.dir.clone(), pod.pin_request());
+        blocking(move || -> Result<(), SandboxError> {
+            files::unmount_shm(&dir)?;
+            namespaces::unpin(&dir.join("ns"), &pins)?;
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(source) => Err(SandboxError::Io {
+                    op: "remove",
+                    path: dir,
+                    source,
+                }),
+            }
+        })
+        .await??;
+        if let (Some(cgroups), Some(parent)) = (&self.cgroups, &pod.created_cgroup) {
+            let path = cgroups.pod_path(parent)?;
+            cgroups.open(&path).delete()?;
+        }
+        Ok(())
+    }
+
+    /// StopPodSandbox: network down, shm unmounted, record kept. Unknown
+    /// ids succeed: kubelet retries stops of pods it lost track of.
+    pub async fn stop(&self, id: &str) -> Result<(), SandboxError> {
+        let pod = match self.get(id).await {
+            Ok(pod) => pod,
+            Err(SandboxError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let _lock = self.locks.lock(&pod.id).await;
+        let mut pod = self.get(&pod.id).await?;
+        if pod.namespaces.net {
+            self.network.detach(&network_request(&pod)).await?;
+        }
+        let dir = pod.dir.clone();
+        blocking(move || files::unmount_shm(&dir)).await??;
+        pod.state = PodState::NotReady;
+        self.put(&pod).await
+    }
+
+    /// RemovePodSandbox: everything the pod had, and its record.
+    pub async fn remove(&self, id: &str) -> Result<(), SandboxError> {
+        let pod = match self.get(id).await {
+            Ok(pod) => pod,
+            Err(SandboxError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let _lock = self.locks.lock(&pod.id).await;
+        self.teardown(&pod).await?;
+        let store = self.store.clone();
+        blocking(move || store.delete(Kind::Pod, &pod.id)).await??;
+        Ok(())
+    }
+
+    pub fn network(&self) -> &Arc<Network> {
+        &self.network
+    }
+}
+
+fn record_of(status: PodNetworkStatus) -> NetworkRecord {
+    NetworkRecord {
+        ips: status.ips,
+        interface: status.interface,
+        result: status.result,
+    }
+}
+
+fn network_request(pod: &PodRecord) -> PodNetworkRequest {
+    let metadata = pod.config.metadata.clone().unwrap_or_default();
+    PodNetworkRequest {
+        pod_id: pod.id.clone(),
+        name: metadata.name,
+        namespace: metadata.namespace,
+        uid: metadata.uid,
+        netns: pod.dir.join("ns").join("net"),
+        port_mappings: pod
+            .config
+            .port_mappings
+            .iter()
+            .filter_map(port_mapping)
+            .collect(),
+        dns: pod
+            .config
+            .dns_config
+            .as_ref()
+            .map(|d| crate::network::DnsConfig {
+                servers: d.servers.clone(),
+                searches: d.searches.clone(),
+                options: d.options.clone(),
+            }),
+        bandwidth: None,
+        cgroup_parent: pod
+            .config
+            .linux
+            .as_ref()
+            .map(|l| l.cgroup_parent.clone())
+            .unwrap_or_default(),
+    }
+}
+
+fn port_mapping(p: &CriPortMapping) -> Option<PortMapping> {
+    let protocol = match CriProtocol::try_from(p.protocol).ok()? {
+        CriProtocol::Tcp => Protocol::Tcp,
+        CriProtocol::Udp => Protocol::Udp,
+        CriProtocol::Sctp => Protocol::Sctp,
+    };
+    Some(PortMapping {
+        protocol,
+        container_port: u16::try_from(p.container_port).ok()?,
+        host_port: u16::try_from(p.host_port).ok()?,
+        host_ip: p.host_ip.clone(),
+    })
+}
+
+/// Checks a RunPodSandbox request before anything is made, and says which
+/// namespaces the pod gets of its own.
+pub fn validate(
+    config: &PodSandboxConfig,
+    runtime_handler: &str,
+) -> Result<PinRequest, SandboxError> {
+    let invalid = |field: &'static str, message: String| SandboxError::Invalid { field, message };
+    if !HANDLERS.contains(&runtime_handler) {
+        return Err(invalid(
+            "runtime_handler",
+            format!(
+                "{runtime_handler:?} is not a runtime handler of this node (known: \"\", \"berth\")"
+            ),
+        ));
+    }
+    let metadata = config
+        .metadata
+        .as_ref()
+        .ok_or_else(|| invalid("config.metadata", "is required".into()))?;
+    for (field, value) in [
+        ("config.metadata.name", &metadata.name),
+        ("config.metadata.namespace", &metadata.namespace),
+        ("config.metadata.uid", &metadata.uid),
+    ] {
+        if value.is_empty() {
+            return Err(invalid(field, "is required".into()));
+        }
+        if value.len() > MAX_NAME_BYTES || value.contains(['/', '\0']) {
+            return Err(invalid(field, format!("{value:?} is not a valid name")));
+        }
+    }
+    if config.hostname.len() > 64 || config.hostname.contains(['/', '\0', ' ']) {
+        return Err(invalid(
+            "config.hostname",
+            format!("{:?} is not a valid hostname", config.hostname),
+        ));
+    }
+    if let Some(dns) = &config.dns_config {
+        Dns {
+            servers: dns.servers.clone(),
+            searches: dns.searches.clone(),
+            options: dns.options.clone(),
+        }
+        .validate()?;
+    }
+    let linux = config.linux.clone().unwrap_or_default();
+    let options = linux
+        .security_context
+        .as_ref()
+        .and_then(|s| s.namespace_options.clone())
+        .unwrap_or_default();
+    let host_network = mode(options.network) == NamespaceMode::Node;
+    let host_ipc = mode(options.ipc) == NamespaceMode::Node;
+    let mut sysctls: Vec<(String, String)> = linux.sysctls.clone().into_iter().collect();
+    sysctls.sort();
+    let pins = PinRequest {
+        net: !host_network,
+        ipc: !host_ipc,
+        // kubelet gives hostNetwork pods the node's hostname: its UTS.
+        uts: !host_network,
+        hostname: config.hostname.clone(),
+        sysctls,
+    };
+    pins.check_sysctls()
+        .map_err(|e| invalid("config.linux.sysctls", e.to_string()))?;
+    for mapping in &config.port_mappings {
+        if port_mapping(mapping).is_none() || mapping.container_port <= 0 {
+            return Err(invalid(
+                "config.port_mappings",
+                format!(
+                    "container port {} / host port {} / protocol {} is not a valid mapping",
+                    mapping.container_port, mapping.host_port, mapping.protocol
+                ),
+            ));
+        }
+    }
+    Ok(pins)
+}
+
+/// Labels match a selector when every selector pair is present.
+pub fn labels_match(labels: &HashMap<String, String>, selector: &HashMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_cri::v1::{
+        LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceOption, PodSandboxMetadata,
+    };
+
+    fn config() -> PodSandboxConfig {
+        PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: "web".into(),
+                uid: "uid-1".into(),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            hostname: "web".into(),
+            ..PodSandboxConfig::default()
+        }
+    }
+
+    #[test]
+    fn pod_namespaces_follow_the_namespace_options() {
+        let pins = validate(&config(), "").expect("valid");
+        assert!(pins.net && pins.ipc && pins.uts);
+        let mut host = config();
+        host.linux = Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    ipc: NamespaceMode::Node as i32,
+                    ..NamespaceOption::default()
+                }),
+                ..LinuxSandboxSecurityContext::default()
+            }),
+            ..LinuxPodSandboxConfig::default()
+        });
+        let pins = validate(&host, "berth").expect("valid");
+        assert!(!pins.net && !pins.ipc && !pins.uts);
+    }
+
+    #[test]
+    fn bad_requests_are_refused_before_anything_is_made() {
+        assert!(validate(&config(), "runc").is_err(), "unknown handler");
+        let mut c = config();
+        c.metadata = None;
+        assert!(validate(&c, "").is_err());
+        let mut c = config();
+        if let Some(m) = c.metadata.as_mut() {
+            m.uid.clear();
+        }
+        assert!(validate(&c, "").is_err());
+        let mut c = config();
+        c.linux = Some(LinuxPodSandboxConfig {
+            sysctls: [("kernel.panic".to_string(), "1".to_string())].into(),
+            ..LinuxPodSandboxConfig::default()
+        });
+        let err = validate(&c, "").expect_err("host-wide sysctl");
+        assert!(err.to_string().contains("kernel.panic"), "{err}");
+        let mut c = config();
+        c.port_mappings = vec![CriPortMapping {
+            protocol: 0,
+            container_port: 70000,
+            host_port: 0,
+            host_ip: String::new(),
+        }];
+        assert!(validate(&c, "").is_err(), "port out of range");
+    }
+
+    #[test]
+    fn label_selector_needs_every_pair() {
+        let labels: HashMap<String, String> = [
+            ("a".to_string(), "1".to_string()),
+            ("b".to_string(), "2".to_string()),
+        ]
+        .into();
+        assert!(labels_match(&labels, &HashMap::new()));
+        assert!(labels_match(
+            &labels,
+            &[("a".to_string(), "1".to_string())].into()
+        ));
+        assert!(!labels_match(
+            &labels,
+            &[("a".to_string(), "2".to_string())].into()
+        ));
+        assert!(!labels_match(
+            &labels,
+            &[("c".to_string(), "1".to_string())].into()
+        ));
+    }
+}

@@ -1,0 +1,680 @@
+//! Pod sandboxes through the CRI socket: namespaces, network (built-in and
+//! real CNI plugins), hostPort, stop/remove semantics, crash recovery and
+//! concurrency. Traffic goes only to loopback and to pods these tests make.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use common::{Options, TestDaemon};
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::*;
+use nix::sys::signal::Signal;
+use tonic::transport::Channel;
+
+/// Each test gets its own bridge, nft table and CIDR so tests run in
+/// parallel without meeting.
+static NEXT_NET: AtomicU32 = AtomicU32::new(0);
+
+struct TestNet {
+    bridge: String,
+    table: String,
+    cidr_prefix: String,
+}
+
+impl TestNet {
+    fn new() -> TestNet {
+        let n = NEXT_NET.fetch_add(1, Ordering::Relaxed) + std::process::id() % 50 * 4;
+        TestNet {
+            bridge: format!("bsb{}", n % 1000),
+            table: format!("berth_sbt{n}"),
+            cidr_prefix: format!("10.{}.{}", 180 + n / 250 % 20, n % 250),
+        }
+    }
+
+    fn builtin_config(&self) -> String {
+        format!(
+            "[network]\nmode = \"builtin\"\nbridge = \"{}\"\nnft_table = \"{}\"\nmasquerade = false\npod_cidr = \"{}.0/24\"\n",
+            self.bridge, self.table, self.cidr_prefix
+        )
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn root_or_skip() -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: pod sandboxes need root");
+        return false;
+    }
+    if Command::new("nft").arg("--version").output().is_err() {
+        eprintln!("skipping: nft is not installed (hack/install-deps.sh installs it)");
+        return false;
+    }
+    true
+}
+
+fn pod_config(name: &str) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.to_string(),
+            uid: format!("uid-{name}"),
+            namespace: "test".to_string(),
+            attempt: 0,
+        }),
+        hostname: name.to_string(),
+        log_directory: "/tmp".to_string(),
+        labels: [("app".to_string(), name.to_string())].into(),
+        ..PodSandboxConfig::default()
+    }
+}
+
+async fn runp(
+    client: &mut RuntimeServiceClient<Channel>,
+    config: PodSandboxConfig,
+) -> Result<String, tonic::Status> {
+    client
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner().pod_sandbox_id)
+}
+
+async fn status(
+    client: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+) -> Result<PodSandboxStatusResponse, tonic::Status> {
+    client
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: id.to_string(),
+            verbose: true,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn stopp(client: &mut RuntimeServiceClient<Channel>, id: &str) {
+    client
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: id.to_string(),
+        })
+        .await
+        .expect("StopPodSandbox");
+}
+
+async fn rmp(client: &mut RuntimeServiceClient<Channel>, id: &str) {
+    client
+        .remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: id.to_string(),
+        })
+        .await
+        .expect("RemovePodSandbox");
+}
+
+fn ip_of(status: &PodSandboxStatusResponse) -> String {
+    status
+        .status
+        .as_ref()
+        .and_then(|s| s.network.as_ref())
+        .map(|n| n.ip.clone())
+        .unwrap_or_default()
+}
+
+fn netns_of(status: &PodSandboxStatusResponse) -> Option<PathBuf> {
+    let info: serde_json::Value = serde_json::from_str(status.info.get("info")?).ok()?;
+    info["netns"].as_str().map(PathBuf::from)
+}
+
+fn host_interface_of(status: &PodSandboxStatusResponse) -> Option<String> {
+    let info: serde_json::Value = serde_json::from_str(status.info.get("info")?).ok()?;
+    info["cniResult"]["hostInterface"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// Runs `busybox` with `args` inside the network namespace pinned at `netns`.
+fn in_netns(netns: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--net={}", netns.display()))
+        .arg("/bin/busybox")
+        .args(args);
+    command
+}
+
+/// A one-shot TCP server in a pod that answers `reply` to the first client.
+struct PodServer(std::process::Child);
+
+impl PodServer {
+    fn start(netns: &Path, port: u16, reply: &str) -> PodServer {
+        let child = in_netns(
+            netns,
+            &[
+                "sh",
+                "-c",
+                &format!("echo {reply} | busybox nc -l -p {port}"),
+            ],
+        )
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start nc listener in the pod");
+        std::thread::sleep(Duration::from_millis(200));
+        PodServer(child)
+    }
+}
+
+impl Drop for PodServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn link_exists(name: &str) -> bool {
+    Command::new("ip")
+        .args(["link", "show", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[tokio::test]
+async fn builtin_network_pod_is_ready_with_its_namespaces_and_files() {
+    if !root_or_skip() {
+        return;
+    }
+    let net = TestNet::new();
+    let daemon = TestDaemon::start_with(Options {
+        config_toml: net.builtin_config(),
+        ..Options::default()
+    });
+    let mut client = daemon.runtime().await;
+    let mut config = pod_config("files");
+    config.dns_config = Some(DnsConfig {
+        servers: vec!["10.96.0.10".into()],
+        searches: vec!["test.svc.cluster.local".into()],
+        options: vec!["ndots:5".into()],
+    });
+    config.linux = Some(LinuxPodSandboxConfig {
+        sysctls: [(
+            "net.ipv4.ip_unprivileged_port_start".to_string(),
+            "53".to_string(),
+        )]
+        .into(),
+        ..LinuxPodSandboxConfig::default()
+    });
+    let id = runp(&mut client, config).await.expect("RunPodSandbox");
+    let st = status(&mut client, &id[..12])
+        .await
+        .expect("status by id prefix");
+    let sandbox = st.status.clone().expect("status");
+    assert_eq!(sandbox.id, id);
+    assert_eq!(sandbox.state, PodSandboxState::SandboxReady as i32);
+    assert!(sandbox.created_at > 0);
+    assert!(ip_of(&st).starts_with(&net.cidr_prefix), "{}", ip_of(&st));
+
+    let pod_dir = daemon.state.join("pods").join(&id);
+    assert_eq!(
+        std::fs::read_to_string(pod_dir.join("hostname")).expect("hostname"),
+        "files\n"
+    );
+    let resolv = std::fs::read_to_string(pod_dir.join("resolv.conf")).expect("resolv.conf");
+    assert!(
+        resolv.contains("nameserver 10.96.0.10") && resolv.contains("options ndots:5"),
+        "{resolv}"
+    );
+    let uts = Command::new("nsenter")
+        .arg(format!("--uts={}", pod_dir.join("ns/uts").display()))
+        .arg("hostname")
+        .output()
+        .expect("nsenter");
+    assert_eq!(String::from_utf8_lossy(&uts.stdout).trim(), "files");
+    let netns = netns_of(&st).expect("netns in verbose info");
+    let sysctl = in_netns(
+        &netns,
+        &["cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start"],
+    )
+    .output()
+    .expect("read sysctl");
+    assert_eq!(String::from_utf8_lossy(&sysctl.stdout).trim(), "53");
+
+    stopp(&mut client, &id).await;
+    rmp(&mut client, &id).await;
+    assert!(!pod_dir.exists());
+}
+
+#[tokio::test]
+async fn two_pods_talk_over_tcp_and_host_port_reaches_a_pod() {
+    if !root_or_skip() {
+        return;
+    }
+    let net = TestNet::new();
+    let daemon = TestDaemon::start_with(Options {
+        config_toml: net.builtin_config(),
+        ..Options::default()
+    });
+    let mut client = daemon.runtime().await;
+    let host_port =
+        20000 + (NEXT_NET.fetch_add(1, Ordering::Relaxed) + std::process::id() % 1000) as i32;
+    let mut server_config = pod_config("server");
+    server_config.port_mappings = vec![PortMapping {
+        protocol: Protocol::Tcp as i32,
+        container_port: 8080,
+        host_port,
+        host_ip: String::new(),
+    }];
+    let server = runp(&mut client, server_config).await.expect("server pod");
+    let client_pod = runp(&mut client, pod_config("client"))
+        .await
+        .expect("client pod");
+    let server_status = status(&mut client, &server).await.expect("status");
+    let client_status = status(&mut client, &client_pod).await.expect("status");
+    let server_ip = ip_of(&server_status);
+
+    let _listener = PodServer::start(
+        &netns_of(&server_status).expect("netns"),
+        8080,
+        "pod-to-pod",
+    );
+    let out = in_netns(
+        &netns_of(&client_status).expect("netns"),
+        &["nc", "-w", "3", &server_ip, "8080"],
+    )
+    .output()
+    .expect("nc");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "pod-to-pod");
+
+    let _listener = PodServer::start(
+        &netns_of(&server_status).expect("netns"),
+        8080,
+        "via-host-port",
+    );
+    let out = Command::new("/bin/busybox")
+        .args(["nc", "-w", "3", "127.0.0.1", &host_port.to_string()])
+        .output()
+        .expect("nc");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "via-host-port");
+
+    for id in [&server, &client_pod] {
+        stopp(&mut client, id).await;
+        rmp(&mut client, id).await;
+    }
+    let rules = Command::new("nft")
+        .args(["list", "table", "inet", &net.table])
+        .output()
+        .expect("nft");
+    assert!(
+        !String::from_utf8_lossy(&rules.stdout).contains(&host_port.to_string()),
+        "hostPort rule left after remove"
+    );
+}
+
+#[tokio::test]
+async fn real_cni_bridge_plugins_give_the_pod_an_address() {
+    if !root_or_skip() {
+        return;
+    }
+    if !Path::new("/usr/lib/cni/bridge").exists() {
+        eprintln!("skipping: Debian's containernetworking-plugins are not installed");
+        return;
+    }
+    let net = TestNet::new();
+    let conf = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        conf.path().join("10-test.conflist"),
+        format!(
+            r#"{{"cniVersion":"1.0.0","name":"berth-test","plugins":[
+                {{"type":"bridge","bridge":"{}","isGateway":true,"ipMasq":false,
+                  "ipam":{{"type":"host-local","ranges":[[{{"subnet":"{}.0/24"}}]],"dataDir":"{}/ipam"}}}},
+                {{"type":"loopback"}}]}}"#,
+            net.bridge,
+            net.cidr_prefix,
+            conf.path().display()
+        ),
+    )
+    .expect("write conflist");
+    let daemon = TestDaemon::start_with(Options {
+        config_toml: format!(
+            "[network]\nmode = \"cni\"\ncni_conf_dir = \"{}\"\ncni_bin_dirs = [\"/usr/lib/cni\"]\n",
+            conf.path().display()
+        ),
+        ..Options::default()
+    });
+    let mut client = daemon.runtime().await;
+    let ready = client
+        .status(StatusRequest::default())
+        .await
+        .expect("Status")
+        .into_inner()
+        .status
+        .expect("status")
+        .conditions
+        .into_iter()
+        .find(|c| c.r#type == "NetworkReady")
+        .expect("NetworkReady");
+    assert!(ready.status, "{ready:?}");
+    let id = runp(&mut client, pod_config("cni"))
+        .await
+        .expect("RunPodSandbox with CNI");
+    let st = status(&mut client, &id).await.expect("status");
+    assert!(ip_of(&st).starts_with(&net.cidr_prefix), "{}", ip_of(&st));
+    stopp(&mut client, &id).await;
+    rmp(&mut client, &id).await;
+    let leases: Vec<_> = std::fs::read_dir(conf.path().join("ipam/berth-test"))
+        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        leases
+            .iter()
+            .all(|l| !l.to_string_lossy().starts_with(&net.cidr_prefix)),
+        "host-local lease left: {leases:?}"
+    );
+}
+
+#[tokio::test]
+async fn host_network_pod_gets_no_network_namespace() {
+    if !root_or_skip() {
+        return;
+    }
+    let net = TestNet::new();
+    let daemon = TestDaemon::start_with(Options {
+        config_toml: net.builtin_config(),
+        ..Options::default()
+    });
+    let mut client = daemon.runtime().await;
+    let mut config = pod_config("hostnet");
+    config.linux = Some(LinuxPodSandboxConfig {
+        security_context: Some(LinuxSandboxSecurityContext {
+            namespace_options: Some(NamespaceOption {
+                network: NamespaceMode::Node as i32,
+                ..NamespaceOption::default()
+            }),
+            ..LinuxSandboxSecurityContext::default()
+        }),
+        ..LinuxPodSandboxConfig::default()
+    });
+    let id = runp(&mut client, config).await.expect("RunPodSandbox");
+    let st = status(&mut client, &id).await.expect("status");
+    assert_eq!(ip_of(&st), "");
+    assert_eq!(netns_of(&st), None);
+    assert!(!daemon.state.join("pods").join(&id).join("ns/net").exists());
+    rmp(&mut client, &id).await;
+}
+
+#[tokio::test]
+async fn stop_and_remove_are_idempotent_and_leave_nothing() {
+    if !root_or_skip() {
+        return;
+    }
+    let net = TestNet::new();
+    let daemon = TestDaemon::start_with(Options {
+        config_toml: net.builtin_config(),
+        ..Options::default()
+    });
+    let mut client = daemon.runtime().await;
+    let id = runp(&mut client, pod_config("idem"))
+        .await
+        .expect("RunPodSandbox");
+    let st = status(&mut client, &id).await.expect("status");
+    let veth = host_interface_of(&st).expect("host veth");
+    let netns = netns_of(&st).expect("netns");
+    assert!(link_exists(&veth));
+
+    stopp(&mut client, &id).await;
+    stopp(&mut client, &id).await;
+    let stopped = status(&mut client, &id).await.expect("status after stop");
+    assert_eq!(
+        stopped.status.expect("status").state,
+        PodSandboxState::SandboxNotready as i32
+    );
+    assert!(!link_exists(&veth), "veth removed at stop");
+    rmp(&mut client, &id).await;
+    rmp(&mut client, &id).await;
+    stopp(&mut client, "0123456789ab").await;
+    rmp(&mut client, "0123456789ab").await;
+
+    let err = status(&mut client, &id).await.expect_err("removed pod");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(!netns.exists(), "netns pin removed");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(!mounts.contains(&id), "mount of the pod left: {id}");
+}
+
+#[tokio::test]
+async fn name_conflicts_name_the_holder_and_failed_runs_free_the_name() {
+    if !root_or_skip() {
+        return;
+    }
+    let net = TestNet::new();
+    let daemon = TestDaemon::start_with(Options {
+        config_toml: net.builtin_config(),
+        ..Options::default()
+    });
+    let mut client = daemon.runtime().await;
+    let id = runp(&mut client, pod_config("dup")).await.expect("first");
+    let err = runp(&mut client, pod_config("dup"))
+        .await
+        .expect_err("second");
+    assert_eq!(err.code(), tonic::Code::AlreadyExists);
+    assert!(err.message().contains(&id), "{}", err.message());
+    rmp(&mut client, &id).await;
+
+    // A host-wide sysctl fails the run before anything is made...
+    let mut bad = pod_config("freed");
+    bad.linux = Some(LinuxPodSandboxConfig {
+        sysctls: [("kernel.panic".to_string(), "1".to_string())].into(),
+        ..LinuxPodSandboxConfig::default()
+    });
+    let err = runp(&mut client, bad).await.expect_err("host-wide sysctl");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    // ...and a port clash fails it after the network is half made.
+    let mut first = pod_config("port-a");
+    let clash = PortMapping {
+        protocol: Protocol::Tcp as i32,
+        container_port: 80,
+        host_port: 21000 + (std::process::id() % 1000) as i32,
+        host_ip: String::new(),
+    };
+    first.port_mappings = vec![clash.clone()];
+    let a = runp(&mut client, first).await.expect("port-a");
+    let mut second = pod_config("freed");
+    second.port_mappings = vec![clash];
+    runp(&mut client, second)
+        .await
+        .expect_err("host port taken");
+    let listed = client
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .items;
+    assert_eq!(listed.len(), 1, "the failed pod left no record: {listed:?}");
+    rmp(&mut client, &a).await;
+    let id = runp(&mut client, pod_config("freed"))
+        .await
+        .expect("the name is free again");
+    rmp(&mut client, &id).await;
+    let pods = std::fs::read_dir(daemon.state.join("pods"))
+        .expect("pods dir")
+        .count();
+    assert_eq!(pods, 0);
+}
+
+#[tokio::test]
+async fn list_filters_by_id_prefix_state_and_labels() {
+    if !root_or_skip() {
+        return;
+    }
+    let net = TestNet::new();
+    let daemon = TestDaemon::start_with(Options {
+        config_toml: net.builtin_config(),
+        ..Options::default()
+    });
+    let mut client = daemon.runtime().await;
+    let a = runp(&mut client, pod_config("list-a")).await.expect("a");
+    let b = runp(&mut client, pod_config("list-b")).await.expect("b");
+    stopp(&mut client, &b).await;
+    let list = |filter: PodSandboxFilter| {
+        let mut client = client.clone();
+        async move {
+            let mut ids: Vec<String> = client
+                .list_pod_sandbox(ListPodSandboxRequest {
+                    filter: Some(filter),
+                })
+                .await
+                .expect("list")
+                .into_inner()
+                .items
+                .into_iter()
+                .map(|p| p.id)
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    assert_eq!(
+        list(PodSandboxFilter {
+            id: a[..10].to_string(),
+            ..PodSandboxFilter::default()
+        })
+        .await,
+        vec![a.clone()]
+    );
+    assert_eq!(
+        list(PodSandboxFilter {
+            state: Some(PodSandboxStateValue {
+                state: PodSandboxState::SandboxReady as i32
+            }),
+            ..PodSandboxFilter::default()
+        })
+        .await,
+        vec![a.clone()]
+    );
+    assert_eq!(
+        list(PodSandboxFilter {
+            label_selector: [("app".to_string(), "list-b".to_string())].into(),
+            ..PodSandboxFilter::default()
+        })
+        .await,
+        vec![b.clone()]
+    );
+    for id in [&a, &b] {
+        rmp(&mut client, id).await;
+    }
+}
+
+#[tokio::test]
+async fn pods_survive_a_daemon_killed_with_sigkill_and_are_cleaned_up_after() {
+    if !root_or_skip() {
+        return;
+    }
+    let net = TestNet::new();
+    let mut daemon = TestDaemon::start_with(Options {
+        config_toml: net.builtin_config(),
+        ..Options::default()
+    });
+    let mut client = daemon.runtime().await;
+    let id = runp(&mut client, pod_config("crash"))
+        .await
+        .expect("RunPodSandbox");
+    let st = status(&mut client, &id).await.expect("status");
+    let veth = host_interface_of(&st).expect("veth");
+    daemon.signal(Signal::SIGKILL);
+    daemon.wait_exit(Duration::from_secs(10)).expect("killed");
+
+    let restarted = TestDaemon::start_with(Options {
+        config_toml: net.builtin_config(),
+        socket: Some(daemon.socket.clone()),
+        root: Some(daemon.root.clone()),
+        state: Some(daemon.state.clone()),
+    });
+    let mut client = restarted.runtime().await;
+    let st = status(&mut client, &id).await.expect("pod still known");
+    assert_eq!(
+        st.status.expect("status").state,
+        PodSandboxState::SandboxReady as i32
+    );
+    assert!(link_exists(&veth), "the pod's network survived the daemon");
+    stopp(&mut client, &id).await;
+    rmp(&mut client, &id).await;
+    assert!(!link_exists(&veth));
+}
+
+#[tokio::test]
+async fn fifty_pods_from_eight_clients_get_distinct_addresses_and_leave_nothing() {
+    if !root_or_skip() {
+        return;
+    }
+    let net = TestNet::new();
+    let daemon = TestDaemon::start_with(Options {
+        config_toml: net.builtin_config(),
+        ..Options::default()
+    });
+    let mut workers = Vec::new();
+    for worker in 0..8 {
+        let mut client = daemon.runtime().await;
+        workers.push(tokio::spawn(async move {
+            let mut made = Vec::new();
+            for n in (worker..50).step_by(8) {
+                let id = runp(&mut client, pod_config(&format!("many-{n}")))
+                    .await
+                    .expect("RunPodSandbox");
+                let ip = ip_of(&status(&mut client, &id).await.expect("status"));
+                made.push((id, ip));
+            }
+            made
+        }));
+    }
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.expect("worker"));
+    }
+    assert_eq!(all.len(), 50);
+    let ips: HashSet<&String> = all.iter().map(|(_, ip)| ip).collect();
+    assert_eq!(ips.len(), 50, "every pod has its own address");
+    let mut removers = Vec::new();
+    for chunk in all.chunks(7) {
+        let mut client = daemon.runtime().await;
+        let ids: Vec<String> = chunk.iter().map(|(id, _)| id.clone()).collect();
+        removers.push(tokio::spawn(async move {
+            for id in ids {
+                stopp(&mut client, &id).await;
+                rmp(&mut client, &id).await;
+            }
+        }));
+    }
+    for r in removers {
+        r.await.expect("remover");
+    }
+    let left = std::fs::read_dir(daemon.state.join("pods"))
+        .expect("pods")
+        .count();
+    assert_eq!(left, 0);
+    let bridge_ports = Command::new("ip")
+        .args(["link", "show", "master", &net.bridge])
+        .output()
+        .expect("ip link");
+    assert_eq!(
+        String::from_utf8_lossy(&bridge_ports.stdout).trim(),
+        "",
+        "veths left on the bridge"
+    );
+}
