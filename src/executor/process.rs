@@ -356,5 +356,35 @@ pub fn reset_signals() -> Result<(), ProcessError> {
         #[allow(unsafe_code)]
         let _ = unsafe { signal(sig, SigHandler::SigDfl) };
     }
+    reset_realtime_signals();
     Ok(())
+}
+
+/// The real-time signals `Signal::iterator` leaves out. They arrive
+/// ignored more often than one would think: glibc's `posix_spawn` (which
+/// Rust's `Command`, and so the daemon's spawn of `berth monitor`, uses)
+/// sets its internal SIGCANCEL and SIGSETXID (32, 33) to SIG_IGN in the
+/// child, and an ignored disposition survives `execve`. glibc's own
+/// `sigaction` refuses those two (EINVAL), hence the raw syscall.
+fn reset_realtime_signals() {
+    /// Highest signal number on Linux (x86_64, aarch64: `_NSIG` 64).
+    const NSIG: libc::c_int = 64;
+    // An all-zero kernel `struct sigaction` is SIG_DFL with no flags and an
+    // empty mask; its layout (handler, flags, restorer, mask: 32 bytes on
+    // x86_64 and aarch64) then needs no per-architecture definition.
+    let dfl = [0u64; 4];
+    for sig in 32..=NSIG {
+        // SAFETY: rt_sigaction reads `dfl` (large enough for the kernel's
+        // struct) and writes nothing (old action NULL); SIG_DFL runs no code.
+        #[allow(unsafe_code)]
+        let _ = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                dfl.as_ptr(),
+                std::ptr::null_mut::<libc::c_void>(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+    }
 }

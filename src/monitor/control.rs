@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use nix::poll::PollFlags;
 use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
 
 use super::framing::{MAX_INBOUND_FRAME, encode_frame, take_frame};
 use super::now_ns;
@@ -24,6 +25,10 @@ const ATTACH_OUT_LIMIT: usize = 256 * 1024;
 
 /// How long the exiting monitor waits for each attacher to take the rest.
 const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The exit code of a container whose start failed (containerd's
+/// `errorStartExitCode`), with reason `StartError`.
+const START_ERROR_EXIT_CODE: i32 = 128;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -276,9 +281,13 @@ impl Supervisor {
                 }
             }
             Err(e) => {
+                // The executor has killed and reaped the process on every
+                // start error, so no SIGCHLD status will come for it (and a
+                // kill now could hit a reused pid): the container ends here,
+                // with the exit code containerd gives a failed start.
                 let message = e.to_string();
                 self.start_error = Some(message.clone());
-                self.kill_quietly();
+                self.exit = Some(WaitStatus::Exited(self.pid, START_ERROR_EXIT_CODE));
                 error(message)
             }
         }

@@ -9,7 +9,6 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
@@ -44,7 +43,9 @@ pub struct Supervisor {
     pub(super) started_at: i64,
     /// Why Start failed, for the exit record.
     pub(super) start_error: Option<String>,
-    exit: Option<WaitStatus>,
+    /// The container's end: its wait status, or the one `start` sets
+    /// when the executor reaped the process itself.
+    pub(super) exit: Option<WaitStatus>,
     pub(super) buf: Box<[u8]>,
 }
 
@@ -60,7 +61,7 @@ impl Supervisor {
     /// Everything up to a parked container with its pid file written. On
     /// error nothing is left running.
     pub fn create(config: MonitorConfig) -> Result<Self, MonitorError> {
-        let spec = load_spec(&config.spec_path)?;
+        let spec = load_spec(&config.spec_path, &config.bundle)?;
         let log = LogWriter::open(&config.log_path)?;
         let listener = bind_control_socket(&config.control_socket)?;
         let unbind = |e: MonitorError| {
@@ -205,8 +206,9 @@ impl Supervisor {
             self.log.finish(out.stream, SystemTime::now());
         }
         self.conns.retain(|c| !c.closed);
-        if reap {
-            self.exit = self.reaper.reap(self.pid);
+        // Reap orphans too, but never overwrite an exit `start` recorded.
+        if reap && let Some(status) = self.reaper.reap(self.pid) {
+            self.exit = Some(status);
         }
     }
 
@@ -258,12 +260,6 @@ impl Supervisor {
                 }
             }
         }
-    }
-
-    /// Sends SIGKILL when a start failed half-way, so that the process
-    /// cannot linger parked.
-    pub(super) fn kill_quietly(&self) {
-        let _ = executor::kill(self.pid, Signal::SIGKILL);
     }
 
     /// The container exited: drain its output, complete the log, write the
@@ -347,15 +343,26 @@ impl Supervisor {
 
 /// Parses the spec with serde_json directly: oci-spec's own loader hides
 /// the parse error ("serde failed").
-fn load_spec(path: &Path) -> Result<oci_spec::runtime::Spec, MonitorError> {
+fn load_spec(path: &Path, bundle: &Path) -> Result<oci_spec::runtime::Spec, MonitorError> {
     let data = std::fs::read(path).map_err(|source| MonitorError::ReadFile {
         path: path.to_path_buf(),
         source,
     })?;
-    serde_json::from_slice(&data).map_err(|e| MonitorError::LoadSpec {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    let mut spec: oci_spec::runtime::Spec =
+        serde_json::from_slice(&data).map_err(|e| MonitorError::LoadSpec {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    // The OCI spec allows `root.path` relative to the bundle (`runc spec`
+    // writes "rootfs"); the executor wants it absolute, and the monitor
+    // runs in "/", not in the bundle as runc does.
+    if let Some(root) = spec.root_mut()
+        && root.path().is_relative()
+    {
+        let absolute = bundle.join(root.path());
+        root.set_path(absolute);
+    }
+    Ok(spec)
 }
 
 fn bind_control_socket(path: &Path) -> Result<UnixListener, MonitorError> {
