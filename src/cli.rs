@@ -39,9 +39,28 @@ enum Command {
     /// `--config <bundle>/monitor.json`).
     #[command(hide = true)]
     Monitor,
+    /// Internal: run a command in a running container (run by the daemon
+    /// for ExecSync).
+    #[command(hide = true)]
+    ExecHelper(ExecHelperArgs),
     /// Internal: make a pod's namespaces and pin them (run by the daemon).
     #[command(hide = true)]
     NsPin(NsPinArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ExecHelperArgs {
+    /// The container's init process.
+    #[arg(long)]
+    pid: i32,
+    /// The container's OCI spec.
+    #[arg(long)]
+    spec: PathBuf,
+    /// The OCI process to run, as JSON.
+    #[arg(long)]
+    process: String,
+    #[arg(long)]
+    cgroup_procs: Vec<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -149,6 +168,15 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             // subscriber starts no thread, so the monitor stays single-threaded.
             crate::logging::init(LogLevel::Info, LogFormat::Text);
             Ok(crate::monitor::run(path))
+        }
+        Command::ExecHelper(args) => {
+            let code = crate::container::exec::helper_main(
+                args.pid,
+                &args.spec,
+                &args.process,
+                &args.cgroup_procs,
+            );
+            Ok(ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)))
         }
         Command::NsPin(args) => {
             let sysctls = args

@@ -21,7 +21,9 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::container::{ContainerError, ContainerManager};
 use crate::executor::cgroups::CgroupManager;
+use crate::image::snapshot::Snapshots;
 use crate::image::store::{ImageError, ImageStore};
 use crate::network::{Network, NetworkError, Readiness};
 use crate::sandbox::{SandboxError, SandboxManager};
@@ -76,6 +78,8 @@ pub enum DaemonError {
     Network(#[from] NetworkError),
     #[error("recover pod sandboxes: {0}")]
     Sandboxes(#[from] SandboxError),
+    #[error("containers: {0}")]
+    Containers(#[from] ContainerError),
     #[error("start async runtime: {0}")]
     Runtime(std::io::Error),
     #[error("install signal handler: {0}")]
@@ -91,6 +95,7 @@ pub struct Daemon {
     pub images: Arc<ImageStore>,
     pub network: Arc<Network>,
     pub sandboxes: Arc<SandboxManager>,
+    pub containers: Arc<ContainerManager>,
     /// The pod CIDRs kubelet gave with `UpdateRuntimeConfig`, if any.
     pod_cidrs: RwLock<Vec<ipnet::IpNet>>,
 }
@@ -133,14 +138,23 @@ impl Daemon {
             store.clone(),
             &config.state,
             network.clone(),
-            cgroups,
+            cgroups.clone(),
         ));
+        let containers = ContainerManager::new(
+            store.clone(),
+            &config.state,
+            images.clone(),
+            sandboxes.clone(),
+            Snapshots::new(&config.root, images.layers()),
+            cgroups,
+        )?;
         Ok(Daemon {
             config,
             store,
             images,
             network,
             sandboxes,
+            containers,
             pod_cidrs: RwLock::new(pod_cidrs),
         })
     }
@@ -245,6 +259,7 @@ async fn serve(daemon: Arc<Daemon>, socket: &Path) -> Result<(), DaemonError> {
         .map_err(|e| socket_err("chmod 0660", e))?;
     // Pods a crash left half-made are undone before anyone can see them.
     daemon.sandboxes.recover().await?;
+    daemon.containers.start().await?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
 

@@ -8,6 +8,7 @@
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod container;
 pub mod daemon;
 pub mod executor;
 pub mod image;

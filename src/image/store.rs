@@ -284,6 +284,11 @@ impl ImageStore {
         .await?
     }
 
+    /// The unpacked layers, for container snapshots.
+    pub fn layers(&self) -> LayerStore {
+        self.layers.clone()
+    }
+
     /// The directory image and container filesystems live under.
     pub fn root(&self) -> &Path {
         &self.root

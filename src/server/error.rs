@@ -6,6 +6,7 @@
 
 use tonic::Status;
 
+use crate::container::ContainerError;
 use crate::image::auth::AuthError;
 use crate::image::mirrors::MirrorError;
 use crate::image::pull::PullError;
@@ -79,6 +80,38 @@ impl From<SandboxError> for Status {
             | SandboxError::Cgroup(_)
             | SandboxError::Io { .. }
             | SandboxError::Task(_) => Status::internal(message),
+        }
+    }
+}
+
+impl From<ContainerError> for Status {
+    fn from(e: ContainerError) -> Self {
+        let message = e.to_string();
+        match e {
+            ContainerError::Invalid { .. }
+            | ContainerError::Ambiguous { .. }
+            | ContainerError::Spec(_)
+            | ContainerError::User(_) => Status::invalid_argument(message),
+            ContainerError::NameTaken { .. } => Status::already_exists(message),
+            ContainerError::NotFound(_) | ContainerError::ImageNotFound(_) => {
+                Status::not_found(message)
+            }
+            ContainerError::WrongState { .. } | ContainerError::PodNotReady(_) => {
+                Status::failed_precondition(message)
+            }
+            ContainerError::Exec(crate::container::exec::ExecError::Timeout(_)) => {
+                Status::deadline_exceeded(message)
+            }
+            ContainerError::Sandbox(e) => e.into(),
+            ContainerError::Image(e) => e.into(),
+            // The executor's own words (missing binary, bad mount) are the
+            // message kubelet shows in the pod's events.
+            ContainerError::Monitor(_) | ContainerError::Exec(_) => Status::unknown(message),
+            ContainerError::Snapshot(_)
+            | ContainerError::Cgroup(_)
+            | ContainerError::Store(_)
+            | ContainerError::Io { .. }
+            | ContainerError::Task(_) => Status::internal(message),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The CRI services. Handlers only translate: validate the request, call the
 //! domain module, build the response. One file per RPC group.
 
+mod container;
 mod error;
 mod image;
 mod runtime;

@@ -12,7 +12,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::error::{invalid, not_built};
-use super::sandbox;
+use super::{container, sandbox};
 use crate::config::CgroupDriver as ConfigCgroupDriver;
 use crate::daemon::Daemon;
 use crate::network::Readiness;
@@ -22,7 +22,7 @@ const KUBE_API_VERSION: &str = "0.1.0";
 const RUNTIME_NAME: &str = "berth";
 const RUNTIME_API_VERSION: &str = "v1";
 
-const CONTAINERS: &str = "the container lifecycle";
+const CONTAINERS: &str = "live container resource updates";
 const STATS: &str = "container and pod statistics";
 const STREAMING: &str = "the streaming server (exec, attach, port-forward)";
 
@@ -163,6 +163,15 @@ impl RuntimeService for Runtime {
         if id.is_empty() {
             return Err(invalid("pod_sandbox_id", "an id is required"));
         }
+        // The pod's containers go first: kubelet has already given them
+        // their grace period, so what still runs is killed.
+        match self.daemon.sandboxes.get(&id).await {
+            Ok(pod) => self.daemon.containers.for_pod(&pod.id, false).await?,
+            Err(crate::sandbox::SandboxError::NotFound(_)) => {
+                return Ok(Response::new(StopPodSandboxResponse {}));
+            }
+            Err(e) => return Err(e.into()),
+        }
         self.daemon.sandboxes.stop(&id).await?;
         Ok(Response::new(StopPodSandboxResponse {}))
     }
@@ -174,6 +183,13 @@ impl RuntimeService for Runtime {
         let id = request.into_inner().pod_sandbox_id;
         if id.is_empty() {
             return Err(invalid("pod_sandbox_id", "an id is required"));
+        }
+        match self.daemon.sandboxes.get(&id).await {
+            Ok(pod) => self.daemon.containers.for_pod(&pod.id, true).await?,
+            Err(crate::sandbox::SandboxError::NotFound(_)) => {
+                return Ok(Response::new(RemovePodSandboxResponse {}));
+            }
+            Err(e) => return Err(e.into()),
         }
         self.daemon.sandboxes.remove(&id).await?;
         Ok(Response::new(RemovePodSandboxResponse {}))
@@ -199,44 +215,77 @@ impl RuntimeService for Runtime {
 
     async fn create_container(
         &self,
-        _request: Request<CreateContainerRequest>,
+        request: Request<CreateContainerRequest>,
     ) -> Result<Response<CreateContainerResponse>, Status> {
-        Err(not_built("CreateContainer", CONTAINERS))
+        let request = request.into_inner();
+        let config = request
+            .config
+            .ok_or_else(|| invalid("config", "a container config is required"))?;
+        if request.pod_sandbox_id.is_empty() {
+            return Err(invalid("pod_sandbox_id", "an id is required"));
+        }
+        let created = self
+            .daemon
+            .containers
+            .create(&request.pod_sandbox_id, config)
+            .await?;
+        Ok(Response::new(CreateContainerResponse {
+            container_id: created.id,
+        }))
     }
 
     async fn start_container(
         &self,
-        _request: Request<StartContainerRequest>,
+        request: Request<StartContainerRequest>,
     ) -> Result<Response<StartContainerResponse>, Status> {
-        Err(not_built("StartContainer", CONTAINERS))
+        let id = request.into_inner().container_id;
+        self.daemon.containers.start_container(&id).await?;
+        Ok(Response::new(StartContainerResponse {}))
     }
 
     async fn stop_container(
         &self,
-        _request: Request<StopContainerRequest>,
+        request: Request<StopContainerRequest>,
     ) -> Result<Response<StopContainerResponse>, Status> {
-        Err(not_built("StopContainer", CONTAINERS))
+        let request = request.into_inner();
+        if request.container_id.is_empty() {
+            return Err(invalid("container_id", "an id is required"));
+        }
+        self.daemon
+            .containers
+            .stop(&request.container_id, request.timeout)
+            .await?;
+        Ok(Response::new(StopContainerResponse {}))
     }
 
     async fn remove_container(
         &self,
-        _request: Request<RemoveContainerRequest>,
+        request: Request<RemoveContainerRequest>,
     ) -> Result<Response<RemoveContainerResponse>, Status> {
-        Err(not_built("RemoveContainer", CONTAINERS))
+        let id = request.into_inner().container_id;
+        if id.is_empty() {
+            return Err(invalid("container_id", "an id is required"));
+        }
+        self.daemon.containers.remove(&id).await?;
+        Ok(Response::new(RemoveContainerResponse {}))
     }
 
     async fn list_containers(
         &self,
-        _request: Request<ListContainersRequest>,
+        request: Request<ListContainersRequest>,
     ) -> Result<Response<ListContainersResponse>, Status> {
-        Err(not_built("ListContainers", CONTAINERS))
+        let containers =
+            container::list(&self.daemon.containers, request.into_inner().filter).await?;
+        Ok(Response::new(ListContainersResponse { containers }))
     }
 
     async fn container_status(
         &self,
-        _request: Request<ContainerStatusRequest>,
+        request: Request<ContainerStatusRequest>,
     ) -> Result<Response<ContainerStatusResponse>, Status> {
-        Err(not_built("ContainerStatus", CONTAINERS))
+        let request = request.into_inner();
+        let found = self.daemon.containers.get(&request.container_id).await?;
+        Ok(Response::new(container::status(&found, request.verbose)))
     }
 
     async fn update_container_resources(
@@ -248,16 +297,32 @@ impl RuntimeService for Runtime {
 
     async fn reopen_container_log(
         &self,
-        _request: Request<ReopenContainerLogRequest>,
+        request: Request<ReopenContainerLogRequest>,
     ) -> Result<Response<ReopenContainerLogResponse>, Status> {
-        Err(not_built("ReopenContainerLog", CONTAINERS))
+        let id = request.into_inner().container_id;
+        self.daemon.containers.reopen_log(&id).await?;
+        Ok(Response::new(ReopenContainerLogResponse {}))
     }
 
     async fn exec_sync(
         &self,
-        _request: Request<ExecSyncRequest>,
+        request: Request<ExecSyncRequest>,
     ) -> Result<Response<ExecSyncResponse>, Status> {
-        Err(not_built("ExecSync", STREAMING))
+        let request = request.into_inner();
+        let output = self
+            .daemon
+            .containers
+            .exec_sync(
+                &request.container_id,
+                &request.cmd,
+                std::time::Duration::from_secs(u64::try_from(request.timeout).unwrap_or(0)),
+            )
+            .await?;
+        Ok(Response::new(ExecSyncResponse {
+            stdout: output.stdout,
+            stderr: output.stderr,
+            exit_code: output.exit_code,
+        }))
     }
 
     async fn exec(&self, _request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {

@@ -1,0 +1,846 @@
+//! Containers: from kubelet's ContainerConfig to a supervised process and
+//! back. A container is a record in the metadata store, a bundle under
+//! `<state>/containers/<id>/` (spec, monitor config, pid), a snapshot
+//! (writable layer over the image), a cgroup, and a `berth monitor` that
+//! owns the process. The daemon learns of exits from exit records the
+//! monitors write, through an inotify watcher.
+
+pub mod exec;
+pub mod spec;
+pub mod user;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_cri::v1::ContainerConfig;
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::executor::cgroups::{CgroupError, CgroupManager};
+use crate::image::snapshot::{SnapshotError, Snapshots};
+use crate::image::store::{ImageError, ImageRecord, ImageStore};
+use crate::locks::KeyedLocks;
+use crate::monitor::{self, ExitRecord, ExitWatcher, MonitorClient, MonitorConfig, MonitorError};
+use crate::sandbox::{PodRecord, PodState, SandboxError, SandboxManager, new_id, now_ns};
+use crate::store::{Kind, Store, StoreError};
+
+/// How long a stop waits for a SIGKILLed process to be reported gone.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+const MAX_NAME_BYTES: usize = 253;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("container {name} already exists with id {id}")]
+    NameTaken { name: String, id: String },
+    #[error("container {0} not found")]
+    NotFound(String),
+    #[error("container id prefix {prefix:?} matches several containers: {ids}")]
+    Ambiguous { prefix: String, ids: String },
+    #[error("container {id} is {state}: {action} needs a {needed} container")]
+    WrongState {
+        id: String,
+        state: &'static str,
+        action: &'static str,
+        needed: &'static str,
+    },
+    #[error("image {0:?} is not present on this node: pull it first")]
+    ImageNotFound(String),
+    #[error("pod sandbox {0} is not ready")]
+    PodNotReady(String),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Spec(#[from] spec::SpecError),
+    #[error(transparent)]
+    User(#[from] user::UserError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Monitor(#[from] MonitorError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Exec(#[from] exec::ExecError),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("container task failed: {0}")]
+    Task(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ContainerState {
+    /// Being made; undone on restart if the daemon died meanwhile.
+    Creating,
+    Created,
+    Running,
+    Exited,
+    /// The monitor is gone without an exit record.
+    Unknown,
+}
+
+impl ContainerState {
+    fn name(self) -> &'static str {
+        match self {
+            ContainerState::Creating => "being created",
+            ContainerState::Created => "created",
+            ContainerState::Running => "running",
+            ContainerState::Exited => "exited",
+            ContainerState::Unknown => "in an unknown state",
+        }
+    }
+}
+
+/// What the metadata store keeps of a container.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub id: String,
+    pub pod_id: String,
+    pub config: ContainerConfig,
+    /// The image ID; the image store refuses to remove an image a container
+    /// record names here.
+    pub image_id: String,
+    /// The digest reference the image was pulled by, or its ID.
+    pub image_ref: String,
+    pub state: ContainerState,
+    pub created_at: i64,
+    pub started_at: i64,
+    pub finished_at: i64,
+    pub exit_code: i32,
+    pub reason: String,
+    pub message: String,
+    pub pid: u32,
+    pub bundle: PathBuf,
+    pub log_path: PathBuf,
+    pub cgroup_path: Option<String>,
+    pub stop_signal: String,
+    /// The effective user, as ContainerStatus reports it.
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+}
+
+impl ContainerRecord {
+    fn name_key(&self, pod: &PodRecord) -> String {
+        let pod_meta = pod.config.metadata.clone().unwrap_or_default();
+        let meta = self.config.metadata.clone().unwrap_or_default();
+        format!(
+            "{}_{}_{}_{}_{}",
+            meta.name, pod_meta.name, pod_meta.namespace, pod_meta.uid, meta.attempt
+        )
+    }
+
+    pub fn control_socket(&self, state: &Path) -> PathBuf {
+        // Kept short: a unix socket path has 108 bytes.
+        state.join("s").join(&self.id)
+    }
+
+    pub fn exit_record(&self, state: &Path) -> PathBuf {
+        state.join("exits").join(&self.id)
+    }
+}
+
+pub struct ContainerManager {
+    store: Store,
+    state_dir: PathBuf,
+    images: Arc<ImageStore>,
+    sandboxes: Arc<SandboxManager>,
+    snapshots: Snapshots,
+    cgroups: Option<CgroupManager>,
+    locks: KeyedLocks,
+    reserve: tokio::sync::Mutex<()>,
+    exits: broadcast::Sender<String>,
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ContainerError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ContainerError::Task(e.to_string()))
+}
+
+fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> ContainerError + 'a {
+    move |source| ContainerError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl ContainerManager {
+    pub fn new(
+        store: Store,
+        state: &Path,
+        images: Arc<ImageStore>,
+        sandboxes: Arc<SandboxManager>,
+        snapshots: Snapshots,
+        cgroups: Option<CgroupManager>,
+    ) -> Result<Arc<Self>, ContainerError> {
+        for dir in ["containers", "exits", "s"] {
+            let path = state.join(dir);
+            std::fs::create_dir_all(&path).map_err(io_err("create", &path))?;
+        }
+        let (exits, _) = broadcast::channel(1024);
+        Ok(Arc::new(ContainerManager {
+            store,
+            state_dir: state.to_path_buf(),
+            images,
+            sandboxes,
+            snapshots,
+            cgroups,
+            locks: KeyedLocks::default(),
+            reserve: tokio::sync::Mutex::new(()),
+            exits,
+        }))
+    }
+
+    /// Starts watching exit records and brings the records up to date with
+    /// what happened while the daemon was down. Call once, in the runtime.
+    pub async fn start(self: &Arc<Self>) -> Result<(), ContainerError> {
+        let mut watcher = ExitWatcher::new(&self.state_dir.join("exits"))?;
+        for container in self.all().await? {
+            match container.state {
+                ContainerState::Creating => {
+                    tracing::warn!(container = %container.id, "undoing a container whose creation was interrupted");
+                    self.teardown(&container).await?;
+                    self.delete_record(&container.id).await?;
+                }
+                ContainerState::Created | ContainerState::Running => {
+                    self.reconcile(&container.id).await?
+                }
+                ContainerState::Exited | ContainerState::Unknown => {}
+            }
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match watcher.next().await {
+                    Ok(id) => {
+                        if let Err(e) = this.record_exit(&id).await {
+                            tracing::warn!(container = %id, "record exit: {e}");
+                        }
+                        let _ = this.exits.send(id);
+                    }
+                    Err(e) => {
+                        tracing::error!("exit watcher stopped: {e}");
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// After a restart: an exit record means the container ended; a live
+    /// monitor means it is as recorded; neither means it is gone.
+    async fn reconcile(&self, id: &str) -> Result<(), ContainerError> {
+        let container = self.get(id).await?;
+        if container.exit_record(&self.state_dir).exists() {
+            return self.record_exit(id).await;
+        }
+        let client = MonitorClient::new(container.control_socket(&self.state_dir))
+            .with_timeout(Duration::from_secs(2));
+        if client.status().await.is_err() {
+            let mut container = container;
+            container.state = ContainerState::Unknown;
+            container.reason = "Unknown".into();
+            container.message = "the container's monitor is gone and left no exit record".into();
+            self.put(&container).await?;
+        }
+        Ok(())
+    }
+
+    async fn record_exit(&self, id: &str) -> Result<(), ContainerError> {
+        let Ok(mut container) = self.get(id).await else {
+            return Ok(()); // removed meanwhile
+        };
+        let path = container.exit_record(&self.state_dir);
+        let record: ExitRecord = blocking(move || monitor::read_exit_record(&path)).await??;
+        container.state = ContainerState::Exited;
+        container.exit_code = record.exit_code;
+        container.finished_at = record.finished_at;
+        if record.started_at > 0 {
+            container.started_at = record.started_at;
+        }
+        container.reason = if record.reason == "StartError" {
+            "ContainerCannotRun".to_string()
+        } else {
+            record.reason
+        };
+        container.message = record.message;
+        self.put(&container).await
+    }
+
+    pub async fn all(&self) -> Result<Vec<ContainerRecord>, ContainerError> {
+        let store = self.store.clone();
+        let list = blocking(move || store.list::<ContainerRecord>(Kind::Container)).await??;
+        Ok(list.into_iter().map(|(_, c)| c).collect())
+    }
+
+    /// The container with `id` or a unique prefix of it.
+    pub async fn get(&self, id: &str) -> Result<ContainerRecord, ContainerError> {
+        if id.is_empty() {
+            return Err(ContainerError::Invalid {
+                field: "container_id",
+                message: "an id is required".into(),
+            });
+        }
+        let all = self.all().await?;
+        if let Some(c) = all.iter().find(|c| c.id == id) {
+            return Ok(c.clone());
+        }
+        let matches: Vec<&ContainerRecord> = all.iter().filter(|c| c.id.starts_with(id)).collect();
+        match matches.as_slice() {
+            [] => Err(ContainerError::NotFound(id.to_string())),
+            [one] => Ok((*one).clone()),
+            many => Err(ContainerError::Ambiguous {
+                prefix: id.to_string(),
+                ids: many
+                    .iter()
+                    .map(|c| c.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    async fn put(&self, container: &ContainerRecord) -> Result<(), ContainerError> {
+        let (store, container) = (self.store.clone(), container.clone());
+        blocking(move || store.put(Kind::Container, &container.id, &container)).await??;
+        Ok(())
+    }
+
+    async fn delete_record(&self, id: &str) -> Result<(), ContainerError> {
+        let (store, id) = (self.store.clone(), id.to_string());
+        blocking(move || store.delete(Kind::Container, &id)).await??;
+        Ok(())
+    }
+
+    /// CreateContainer.
+    pub async fn create(
+        self: &Arc<Self>,
+        pod_id: &str,
+        config: ContainerConfig,
+    ) -> Result<ContainerRecord, ContainerError> {
+        let pod = self.sandboxes.get(pod_id).await?;
+        if pod.state != PodState::Ready {
+            return Err(ContainerError::PodNotReady(pod.id));
+        }
+        let meta = config.metadata.clone().ok_or(ContainerError::Invalid {
+            field: "config.metadata",
+            message: "is required".into(),
+        })?;
+        if meta.name.is_empty()
+            || meta.name.len() > MAX_NAME_BYTES
+            || meta.name.contains(['/', '\0'])
+        {
+            return Err(ContainerError::Invalid {
+                field: "config.metadata.name",
+                message: format!("{:?} is not a valid container name", meta.name),
+            });
+        }
+        let image_name = config
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .unwrap_or_default();
+        if image_name.is_empty() {
+            return Err(ContainerError::Invalid {
+                field: "config.image.image",
+                message: "an image is required".into(),
+            });
+        }
+        let image = self
+            .images
+            .resolve(&image_name)
+            .await?
+            .ok_or_else(|| ContainerError::ImageNotFound(image_name.clone()))?;
+
+        let id = new_id()?;
+        let bundle = self.state_dir.join("containers").join(&id);
+        let log_path = log_path(&pod, &config, &bundle)?;
+        let mut container = ContainerRecord {
+            id: id.clone(),
+            pod_id: pod.id.clone(),
+            image_id: image.id.to_string(),
+            image_ref: image
+                .repo_digests
+                .first()
+                .cloned()
+                .unwrap_or_else(|| image.id.to_string()),
+            state: ContainerState::Creating,
+            created_at: now_ns(),
+            started_at: 0,
+            finished_at: 0,
+            exit_code: 0,
+            reason: String::new(),
+            message: String::new(),
+            pid: 0,
+            bundle,
+            log_path,
+            cgroup_path: None,
+            stop_signal: spec::stop_signal(&image.config),
+            uid: 0,
+            gid: 0,
+            additional_gids: Vec::new(),
+            config,
+        };
+        self.reserve_name(&container, &pod).await?;
+        let _lock = self.locks.lock(&id).await;
+        match self.make(&mut container, &pod, &image).await {
+            Ok(()) => {
+                container.state = ContainerState::Created;
+                self.put(&container).await?;
+                Ok(container)
+            }
+            Err(e) => {
+                tracing::info!(container = %id, "CreateContainer failed, undoing: {e}");
+                if let Err(undo) = self.teardown(&container).await {
+                    tracing::error!(container = %id, "undo of a failed CreateContainer: {undo}");
+                }
+                self.delete_record(&id).await?;
+                Err(e)
+            }
+        }
+    }
+
+    async fn reserve_name(
+        &self,
+        container: &ContainerRecord,
+        pod: &PodRecord,
+    ) -> Result<(), ContainerError> {
+        let _reserve = self.reserve.lock().await;
+        let key = container.name_key(pod);
+        let taken = self
+            .all()
+            .await?
+            .into_iter()
+            .filter(|other| other.pod_id == pod.id)
+            .find(|other| other.name_key(pod) == key);
+        if let Some(other) = taken {
+            return Err(ContainerError::NameTaken {
+                name: key,
+                id: other.id,
+            });
+        }
+        self.put(container).await
+    }
+
+    /// The steps of CreateContainer; `container` records what was made so
+    /// that `teardown` undoes exactly that.
+    async fn make(
+        &self,
+        container: &mut ContainerRecord,
+        pod: &PodRecord,
+        image: &ImageRecord,
+    ) -> Result<(), ContainerError> {
+        let bundle = container.bundle.clone();
+        std::fs::create_dir_all(&bundle).map_err(io_err("create", &bundle))?;
+        let (snapshots, id, chain_ids) = (
+            self.snapshots.clone(),
+            container.id.clone(),
+            image
+                .layers
+                .iter()
+                .map(|l| l.chain_id.clone())
+                .collect::<Vec<_>>(),
+        );
+        let rootfs = blocking(move || snapshots.prepare(&id, &chain_ids))
+            .await??
+            .target;
+
+        let security = container
+            .config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.clone());
+        let (image_user, user_rootfs) = (image.config.config.user.clone(), rootfs.clone());
+        let resolved =
+            blocking(move || user::resolve(&user_rootfs, &image_user, security.as_ref())).await??;
+        container.uid = resolved.uid;
+        container.gid = resolved.gid;
+        container.additional_gids = resolved.additional_gids.clone();
+
+        let parent = pod
+            .config
+            .linux
+            .as_ref()
+            .map(|l| l.cgroup_parent.clone())
+            .unwrap_or_default();
+        let cgroup = match &self.cgroups {
+            Some(cgroups) => Some(cgroups.container_path(&parent, &container.id)?),
+            None => None,
+        };
+        let volumes_dir = bundle.join("volumes");
+        let input = spec::SpecInput {
+            container_id: &container.id,
+            sandbox_id: &pod.id,
+            config: &container.config,
+            sandbox: &pod.config,
+            pod_namespaces: spec::PodNamespaces {
+                net: pod.namespace_path("net"),
+                ipc: pod.namespace_path("ipc"),
+                uts: pod.namespace_path("uts"),
+                pid: None,
+                target_pid: None,
+            },
+            pod_files: spec::PodFiles {
+                hostname: pod.dir.join("hostname"),
+                resolv_conf: pod.dir.join("resolv.conf"),
+                shm: pod.shm.clone(),
+            },
+            image: &image.config,
+            rootfs: &rootfs,
+            cgroups_path: cgroup.as_ref().map(ToString::to_string).unwrap_or_default(),
+            user: resolved,
+            host: spec::HostInfo::get(),
+            volumes_dir: &volumes_dir,
+            pids_limit: None,
+        };
+        let spec = spec::build(&input)?;
+        let spec_path = bundle.join("config.json");
+        let spec_json = serde_json::to_vec_pretty(&spec).map_err(|e| ContainerError::Io {
+            op: "encode spec",
+            path: spec_path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        std::fs::write(&spec_path, spec_json).map_err(io_err("write", &spec_path))?;
+
+        let mut procs = Vec::new();
+        let mut oom_file = None;
+        if let (Some(cgroups), Some(path)) = (&self.cgroups, &cgroup) {
+            let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+            let made = cgroups.create(path, resources.as_ref())?;
+            container.cgroup_path = Some(path.to_string());
+            self.put(container).await?;
+            procs = made.procs_files();
+            oom_file = made
+                .dirs()
+                .into_iter()
+                .flat_map(|d| [d.join("memory.events"), d.join("memory.oom_control")])
+                .find(|f| f.exists());
+        }
+        let oom_kill_initial = oom_file
+            .as_deref()
+            .and_then(|f| monitor::read_oom_kill_count(f).ok())
+            .unwrap_or(0);
+        let monitor_config = MonitorConfig {
+            container_id: container.id.clone(),
+            bundle: bundle.clone(),
+            spec_path,
+            log_path: container.log_path.clone(),
+            stdin: container.config.stdin,
+            stdin_once: container.config.stdin_once,
+            tty: container.config.tty,
+            cgroup_procs: procs,
+            control_socket: container.control_socket(&self.state_dir),
+            exit_record: container.exit_record(&self.state_dir),
+            pid_file: bundle.join("pid"),
+            oom_kill_file: oom_file,
+            oom_kill_initial,
+            monitor_log: Some(bundle.join("monitor.log")),
+        };
+        container.pid = monitor::spawn(&monitor_config).await?;
+        Ok(())
+    }
+
+    /// Undoes what a container may have: its process, snapshot, cgroup,
+    /// bundle and exit record. Idempotent. The log file stays: kubelet owns it.
+    async fn teardown(&self, container: &ContainerRecord) -> Result<(), ContainerError> {
+        let running = matches!(
+            container.state,
+            ContainerState::Created | ContainerState::Running | ContainerState::Creating
+        );
+        if running && container.pid != 0 {
+            self.kill_and_wait(container, Signal::SIGKILL, KILL_WAIT)
+                .await;
+        }
+        let (snapshots, id) = (self.snapshots.clone(), container.id.clone());
+        blocking(move || snapshots.remove(&id)).await??;
+        if let (Some(cgroups), Some(path)) = (&self.cgroups, &container.cgroup_path) {
+            let path = crate::executor::cgroups::CgroupPath::parse(path)?;
+            let cgroup = cgroups.open(&path);
+            let _ = cgroup.kill_all(Duration::from_secs(2));
+            cgroup.delete()?;
+        }
+        for path in [
+            container.control_socket(&self.state_dir),
+            container.exit_record(&self.state_dir),
+        ] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(ContainerError::Io {
+                        op: "remove",
+                        path,
+                        source,
+                    });
+                }
+            }
+        }
+        match std::fs::remove_dir_all(&container.bundle) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(ContainerError::Io {
+                op: "remove",
+                path: container.bundle.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// Signals the container through its monitor and waits up to `limit`
+    /// for its exit record. True when it exited.
+    async fn kill_and_wait(
+        &self,
+        container: &ContainerRecord,
+        signal: Signal,
+        limit: Duration,
+    ) -> bool {
+        let record = container.exit_record(&self.state_dir);
+        if record.exists() {
+            return true;
+        }
+        let mut exits = self.exits.subscribe();
+        let client = MonitorClient::new(container.control_socket(&self.state_dir));
+        if let Err(e) = client.signal(signal).await {
+            // A monitor that is gone cannot report an exit either.
+            tracing::debug!(container = %container.id, "signal {signal}: {e}");
+            return record.exists();
+        }
+        let wait = async {
+            loop {
+                match exits.recv().await {
+                    Ok(id) if id == container.id => return,
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if record.exists() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+                }
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok() || record.exists()
+    }
+
+    /// StartContainer.
+    pub async fn start_container(&self, id: &str) -> Result<(), ContainerError> {
+        let container = self.get(id).await?;
+        let _lock = self.locks.lock(&container.id).await;
+        let mut container = self.get(&container.id).await?;
+        if container.state != ContainerState::Created {
+            return Err(ContainerError::WrongState {
+                id: container.id,
+                state: container.state.name(),
+                action: "start",
+                needed: "created",
+            });
+        }
+        let client = MonitorClient::new(container.control_socket(&self.state_dir));
+        match client.start().await {
+            Ok(_) => {
+                container.state = ContainerState::Running;
+                container.started_at = now_ns();
+                self.put(&container).await
+            }
+            Err(e) => {
+                // The monitor wrote a StartError record; the watcher files it.
+                Err(ContainerError::Monitor(e))
+            }
+        }
+    }
+
+    /// StopContainer: the stop signal, then SIGKILL after `timeout` seconds.
+    /// Returns when the process is gone. Not running is not an error.
+    pub async fn stop(&self, id: &str, timeout: i64) -> Result<(), ContainerError> {
+        let container = match self.get(id).await {
+            Ok(c) => c,
+            Err(ContainerError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let _lock = self.locks.lock(&container.id).await;
+        let container = self.get(&container.id).await?;
+        if container.state != ContainerState::Running {
+            return Ok(());
+        }
+        let grace = Duration::from_secs(u64::try_from(timeout).unwrap_or(0));
+        let signal = parse_signal(&container.stop_signal).unwrap_or(Signal::SIGTERM);
+        if grace.is_zero() || !self.kill_and_wait(&container, signal, grace).await {
+            self.kill_and_wait(&container, Signal::SIGKILL, KILL_WAIT)
+                .await;
+        }
+        self.record_exit_if_written(&container).await
+    }
+
+    async fn record_exit_if_written(
+        &self,
+        container: &ContainerRecord,
+    ) -> Result<(), ContainerError> {
+        if container.exit_record(&self.state_dir).exists() {
+            self.record_exit(&container.id).await?;
+        }
+        Ok(())
+    }
+
+    /// RemoveContainer: stops it if needed and removes everything but the log.
+    pub async fn remove(&self, id: &str) -> Result<(), ContainerError> {
+        let container = match self.get(id).await {
+            Ok(c) => c,
+            Err(ContainerError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let _lock = self.locks.lock(&container.id).await;
+        let container = self.get(&container.id).await?;
+        self.teardown(&container).await?;
+        self.delete_record(&container.id).await
+    }
+
+    /// Removes every container of a pod (RemovePodSandbox) or stops them
+    /// (StopPodSandbox, with `remove` false).
+    pub async fn for_pod(&self, pod_id: &str, remove: bool) -> Result<(), ContainerError> {
+        for container in self.all().await?.into_iter().filter(|c| c.pod_id == pod_id) {
+            if remove {
+                self.remove(&container.id).await?;
+            } else {
+                self.stop(&container.id, 0).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// ExecSync: runs `cmd` in a running container and waits for it.
+    pub async fn exec_sync(
+        &self,
+        id: &str,
+        cmd: &[String],
+        timeout: Duration,
+    ) -> Result<exec::ExecOutput, ContainerError> {
+        let container = self.get(id).await?;
+        if container.state != ContainerState::Running {
+            return Err(ContainerError::WrongState {
+                id: container.id,
+                state: container.state.name(),
+                action: "exec",
+                needed: "running",
+            });
+        }
+        let procs = match (&self.cgroups, &container.cgroup_path) {
+            (Some(cgroups), Some(path)) => cgroups
+                .open(&crate::executor::cgroups::CgroupPath::parse(path)?)
+                .procs_files(),
+            _ => Vec::new(),
+        };
+        Ok(exec::exec_sync(&container.bundle, container.pid, cmd, &procs, timeout).await?)
+    }
+
+    /// ReopenContainerLog: the monitor reopens the log file kubelet rotated.
+    pub async fn reopen_log(&self, id: &str) -> Result<(), ContainerError> {
+        let container = self.get(id).await?;
+        if container.state != ContainerState::Running {
+            return Err(ContainerError::WrongState {
+                id: container.id,
+                state: container.state.name(),
+                action: "reopening the log",
+                needed: "running",
+            });
+        }
+        MonitorClient::new(container.control_socket(&self.state_dir))
+            .reopen_log()
+            .await?;
+        Ok(())
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    pub fn cgroups(&self) -> Option<&CgroupManager> {
+        self.cgroups.as_ref()
+    }
+}
+
+fn log_path(
+    pod: &PodRecord,
+    config: &ContainerConfig,
+    bundle: &Path,
+) -> Result<PathBuf, ContainerError> {
+    if config.log_path.is_empty() || pod.config.log_directory.is_empty() {
+        // Nowhere asked for: kept with the container, as containerd discards.
+        return Ok(bundle.join("container.log"));
+    }
+    let relative = Path::new(&config.log_path);
+    if relative.is_absolute()
+        || relative
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(ContainerError::Invalid {
+            field: "config.log_path",
+            message: format!(
+                "{:?} must be relative to the pod's log directory",
+                config.log_path
+            ),
+        });
+    }
+    Ok(Path::new(&pod.config.log_directory).join(relative))
+}
+
+/// `SIGTERM`, `TERM` or `15`.
+pub fn parse_signal(name: &str) -> Option<Signal> {
+    use std::str::FromStr;
+    let name = name.trim();
+    if name.is_empty() {
+        return None;
+    }
+    if let Ok(n) = name.parse::<i32>() {
+        return Signal::try_from(n).ok();
+    }
+    let upper = name.to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    Signal::from_str(&full).ok()
+}
+
+/// Labels match a selector when every selector pair is present.
+pub fn labels_match(labels: &HashMap<String, String>, selector: &HashMap<String, String>) -> bool {
+    crate::sandbox::labels_match(labels, selector)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_signals_parse_in_every_form() {
+        assert_eq!(parse_signal("SIGTERM"), Some(Signal::SIGTERM));
+        assert_eq!(parse_signal("quit"), Some(Signal::SIGQUIT));
+        assert_eq!(parse_signal("9"), Some(Signal::SIGKILL));
+        assert_eq!(parse_signal(""), None);
+        assert_eq!(parse_signal("SIGNOPE"), None);
+    }
+}

@@ -1,0 +1,109 @@
+//! The container RPCs of `runtime.v1.RuntimeService`: translation between
+//! CRI messages and the container manager.
+
+use std::collections::HashMap;
+
+use k8s_cri::v1::*;
+
+use crate::container::{ContainerManager, ContainerRecord, ContainerState as State, labels_match};
+
+fn state_of(c: &ContainerRecord) -> ContainerState {
+    match c.state {
+        State::Creating | State::Created => ContainerState::ContainerCreated,
+        State::Running => ContainerState::ContainerRunning,
+        State::Exited => ContainerState::ContainerExited,
+        State::Unknown => ContainerState::ContainerUnknown,
+    }
+}
+
+fn image_spec(c: &ContainerRecord) -> ImageSpec {
+    c.config.image.clone().unwrap_or_default()
+}
+
+pub fn to_cri(c: &ContainerRecord) -> Container {
+    Container {
+        id: c.id.clone(),
+        pod_sandbox_id: c.pod_id.clone(),
+        metadata: c.config.metadata.clone(),
+        image: Some(image_spec(c)),
+        image_ref: c.image_ref.clone(),
+        state: state_of(c) as i32,
+        created_at: c.created_at,
+        labels: c.config.labels.clone(),
+        annotations: c.config.annotations.clone(),
+        image_id: c.image_id.clone(),
+    }
+}
+
+pub fn status(c: &ContainerRecord, verbose: bool) -> ContainerStatusResponse {
+    let mut info = HashMap::new();
+    if verbose {
+        let spec: Option<serde_json::Value> = std::fs::read(c.bundle.join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let details = serde_json::json!({
+            "pid": c.pid,
+            "sandboxID": c.pod_id,
+            "runtimeSpec": spec,
+            "logPath": c.log_path,
+        });
+        info.insert("info".to_string(), details.to_string());
+    }
+    ContainerStatusResponse {
+        status: Some(ContainerStatus {
+            id: c.id.clone(),
+            metadata: c.config.metadata.clone(),
+            state: state_of(c) as i32,
+            created_at: c.created_at,
+            started_at: c.started_at,
+            finished_at: c.finished_at,
+            exit_code: c.exit_code,
+            image: Some(image_spec(c)),
+            image_ref: c.image_ref.clone(),
+            reason: c.reason.clone(),
+            message: c.message.clone(),
+            labels: c.config.labels.clone(),
+            annotations: c.config.annotations.clone(),
+            mounts: c.config.mounts.clone(),
+            log_path: c.log_path.display().to_string(),
+            resources: c
+                .config
+                .linux
+                .as_ref()
+                .and_then(|l| l.resources.clone())
+                .map(|r| ContainerResources {
+                    linux: Some(r),
+                    windows: None,
+                }),
+            image_id: c.image_id.clone(),
+            user: Some(ContainerUser {
+                linux: Some(LinuxContainerUser {
+                    uid: i64::from(c.uid),
+                    gid: i64::from(c.gid),
+                    supplemental_groups: c.additional_gids.iter().map(|g| i64::from(*g)).collect(),
+                }),
+            }),
+        }),
+        info,
+    }
+}
+
+pub async fn list(
+    manager: &ContainerManager,
+    filter: Option<ContainerFilter>,
+) -> Result<Vec<Container>, crate::container::ContainerError> {
+    let filter = filter.unwrap_or_default();
+    Ok(manager
+        .all()
+        .await?
+        .iter()
+        .filter(|c| c.state != State::Creating)
+        .filter(|c| filter.id.is_empty() || c.id.starts_with(&filter.id))
+        .filter(|c| {
+            filter.pod_sandbox_id.is_empty() || c.pod_id.starts_with(&filter.pod_sandbox_id)
+        })
+        .filter(|c| filter.state.is_none_or(|s| s.state == state_of(c) as i32))
+        .filter(|c| labels_match(&c.config.labels, &filter.label_selector))
+        .map(to_cri)
+        .collect())
+}
