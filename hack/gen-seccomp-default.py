@@ -1,6 +1,8 @@
-# Regenerates ../seccomp_default.json from containerd's contrib/seccomp/seccomp_default.go
-# (python3 gen_seccomp_default.py seccomp_default.go > ../seccomp_default.json).
-# The output is checked in; berth reads only the JSON. Move to hack/ if preferred.
+#!/usr/bin/env python3
+# Regenerates src/container/seccomp_default.json from containerd's
+# contrib/seccomp/seccomp_default.go:
+#   hack/gen-seccomp-default.py seccomp_default.go > src/container/seccomp_default.json
+# The output is checked in; berth reads only the JSON.
 import json, re, sys
 src = open(sys.argv[1]).read()
 lines = src.splitlines()
