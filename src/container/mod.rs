@@ -755,6 +755,40 @@ impl ContainerManager {
         Ok(exec::exec_sync(&container.bundle, container.pid, cmd, &procs, timeout).await?)
     }
 
+    /// UpdateContainerResources: applied to the live cgroup, then kept in
+    /// the record so that ContainerStatus reports them.
+    pub async fn update_resources(
+        &self,
+        id: &str,
+        resources: k8s_cri::v1::LinuxContainerResources,
+    ) -> Result<(), ContainerError> {
+        let container = self.get(id).await?;
+        let _lock = self.locks.lock(&container.id).await;
+        let mut container = self.get(&container.id).await?;
+        if !matches!(
+            container.state,
+            ContainerState::Created | ContainerState::Running
+        ) {
+            return Err(ContainerError::WrongState {
+                id: container.id,
+                state: container.state.name(),
+                action: "updating resources",
+                needed: "created or running",
+            });
+        }
+        let oci = spec::linux_resources(&container.id, &resources, spec::HostInfo::get(), None)?;
+        if let (Some(cgroups), Some(path)) = (&self.cgroups, &container.cgroup_path) {
+            let cgroup = cgroups.open(&crate::executor::cgroups::CgroupPath::parse(path)?);
+            blocking(move || cgroup.apply(&oci)).await??;
+        }
+        container
+            .config
+            .linux
+            .get_or_insert_with(Default::default)
+            .resources = Some(resources);
+        self.put(&container).await
+    }
+
     /// ReopenContainerLog: the monitor reopens the log file kubelet rotated.
     pub async fn reopen_log(&self, id: &str) -> Result<(), ContainerError> {
         let container = self.get(id).await?;

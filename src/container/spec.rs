@@ -1349,12 +1349,6 @@ fn resources(
     input: &SpecInput,
     _sc: &LinuxContainerSecurityContext,
 ) -> Result<LinuxResources, SpecError> {
-    let mut out = LinuxResources::default();
-    if let Some(limit) = input.pids_limit.filter(|l| *l != 0) {
-        let mut pids = LinuxPids::default();
-        pids.set_limit(limit);
-        out.set_pids(Some(pids));
-    }
     let default_resources = LinuxContainerResources::default();
     let r = input
         .config
@@ -1362,6 +1356,23 @@ fn resources(
         .as_ref()
         .and_then(|l| l.resources.as_ref())
         .unwrap_or(&default_resources);
+    linux_resources(input.container_id, r, input.host, input.pids_limit)
+}
+
+/// CRI resources as the OCI spec and the cgroup manager take them; also
+/// what UpdateContainerResources applies to a running container.
+pub fn linux_resources(
+    container_id: &str,
+    r: &LinuxContainerResources,
+    host: &HostInfo,
+    pids_limit: Option<i64>,
+) -> Result<LinuxResources, SpecError> {
+    let mut out = LinuxResources::default();
+    if let Some(limit) = pids_limit.filter(|l| *l != 0) {
+        let mut pids = LinuxPids::default();
+        pids.set_limit(limit);
+        out.set_pids(Some(pids));
+    }
     let field = |name: &str| format!("linux.resources.{name}");
     let mut cpu = LinuxCpu::default();
     if r.cpu_period != 0 {
@@ -1389,18 +1400,18 @@ fn resources(
     let mut memory = LinuxMemory::default();
     if r.memory_limit_in_bytes != 0 {
         memory.set_limit(Some(r.memory_limit_in_bytes));
-        if r.memory_swap_limit_in_bytes == 0 && input.host.swap_controller {
+        if r.memory_swap_limit_in_bytes == 0 && host.swap_controller {
             memory.set_swap(Some(r.memory_limit_in_bytes));
         }
     }
-    if r.memory_swap_limit_in_bytes != 0 && input.host.swap_controller {
+    if r.memory_swap_limit_in_bytes != 0 && host.swap_controller {
         memory.set_swap(Some(r.memory_swap_limit_in_bytes));
     }
     if memory != LinuxMemory::default() {
         out.set_memory(Some(memory));
     }
     if !r.hugepage_limits.is_empty() {
-        if input.host.hugetlb_controller {
+        if host.hugetlb_controller {
             let limits = r
                 .hugepage_limits
                 .iter()
@@ -1415,7 +1426,7 @@ fn resources(
         } else {
             // containerd's default tolerate_missing_hugetlb_controller.
             tracing::warn!(
-                container = input.container_id,
+                container = container_id,
                 "hugetlb cgroup controller is absent: huge page limits skipped"
             );
         }

@@ -22,7 +22,6 @@ const KUBE_API_VERSION: &str = "0.1.0";
 const RUNTIME_NAME: &str = "berth";
 const RUNTIME_API_VERSION: &str = "v1";
 
-const CONTAINERS: &str = "live container resource updates";
 const STATS: &str = "container and pod statistics";
 const STREAMING: &str = "the streaming server (exec, attach, port-forward)";
 
@@ -290,9 +289,17 @@ impl RuntimeService for Runtime {
 
     async fn update_container_resources(
         &self,
-        _request: Request<UpdateContainerResourcesRequest>,
+        request: Request<UpdateContainerResourcesRequest>,
     ) -> Result<Response<UpdateContainerResourcesResponse>, Status> {
-        Err(not_built("UpdateContainerResources", CONTAINERS))
+        let request = request.into_inner();
+        let resources = request
+            .linux
+            .ok_or_else(|| invalid("linux", "linux resources are required on this node"))?;
+        self.daemon
+            .containers
+            .update_resources(&request.container_id, resources)
+            .await?;
+        Ok(Response::new(UpdateContainerResourcesResponse {}))
     }
 
     async fn reopen_container_log(
