@@ -165,6 +165,19 @@ pub struct ContainerManager {
     locks: KeyedLocks,
     reserve: tokio::sync::Mutex<()>,
     exits: broadcast::Sender<String>,
+    /// The last CPU sample per container: (ns timestamp, usage ns), to turn
+    /// cumulative usage into nano-cores as cadvisor does.
+    cpu_samples: std::sync::Mutex<HashMap<String, (i64, u64)>>,
+}
+
+/// A container's resource usage at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerUsage {
+    pub timestamp: i64,
+    pub cgroup: Option<crate::executor::cgroups::CgroupStats>,
+    pub nano_cores: Option<u64>,
+    pub writable_layer: crate::image::store::DiskUsage,
+    pub writable_layer_mount: PathBuf,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -210,6 +223,7 @@ impl ContainerManager {
             locks: KeyedLocks::default(),
             reserve: tokio::sync::Mutex::new(()),
             exits,
+            cpu_samples: std::sync::Mutex::new(HashMap::new()),
         }))
     }
 
@@ -714,6 +728,10 @@ impl ContainerManager {
         let _lock = self.locks.lock(&container.id).await;
         let container = self.get(&container.id).await?;
         self.teardown(&container).await?;
+        self.cpu_samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&container.id);
         self.delete_record(&container.id).await
     }
 
@@ -787,6 +805,44 @@ impl ContainerManager {
             .get_or_insert_with(Default::default)
             .resources = Some(resources);
         self.put(&container).await
+    }
+
+    /// Usage of a container: its cgroup's counters, CPU rate since the last
+    /// sample, and its writable layer.
+    pub async fn usage(
+        &self,
+        container: &ContainerRecord,
+    ) -> Result<ContainerUsage, ContainerError> {
+        let cgroup = match (&self.cgroups, &container.cgroup_path) {
+            (Some(cgroups), Some(path)) => {
+                Some(cgroups.open(&crate::executor::cgroups::CgroupPath::parse(path)?))
+            }
+            _ => None,
+        };
+        let (snapshots, id) = (self.snapshots.clone(), container.id.clone());
+        let (stats, writable) = blocking(move || {
+            let stats = cgroup.map(|c| c.stats()).transpose();
+            (stats, snapshots.usage(&id))
+        })
+        .await?;
+        let stats = stats?;
+        let timestamp = now_ns();
+        let nano_cores = stats.as_ref().and_then(|s| s.cpu.as_ref()).and_then(|cpu| {
+            let mut samples = self.cpu_samples.lock().unwrap_or_else(|p| p.into_inner());
+            let previous = samples.insert(container.id.clone(), (timestamp, cpu.usage_ns));
+            previous.and_then(|(t, u)| {
+                let elapsed = u64::try_from(timestamp - t).ok().filter(|e| *e > 0)?;
+                let used = cpu.usage_ns.checked_sub(u)?;
+                Some(((u128::from(used) * 1_000_000_000) / u128::from(elapsed)) as u64)
+            })
+        });
+        Ok(ContainerUsage {
+            timestamp,
+            cgroup: stats,
+            nano_cores,
+            writable_layer: writable.unwrap_or_default(),
+            writable_layer_mount: self.images.root().to_path_buf(),
+        })
     }
 
     /// ReopenContainerLog: the monitor reopens the log file kubelet rotated.

@@ -6,6 +6,7 @@ mod error;
 mod image;
 mod runtime;
 mod sandbox;
+mod stats;
 
 use std::sync::Arc;
 

@@ -12,7 +12,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::error::{invalid, not_built};
-use super::{container, sandbox};
+use super::{container, sandbox, stats};
 use crate::config::CgroupDriver as ConfigCgroupDriver;
 use crate::daemon::Daemon;
 use crate::network::Readiness;
@@ -352,30 +352,51 @@ impl RuntimeService for Runtime {
 
     async fn container_stats(
         &self,
-        _request: Request<ContainerStatsRequest>,
+        request: Request<ContainerStatsRequest>,
     ) -> Result<Response<ContainerStatsResponse>, Status> {
-        Err(not_built("ContainerStats", STATS))
+        let id = request.into_inner().container_id;
+        let found = self.daemon.containers.get(&id).await?;
+        let stats = stats::container(&self.daemon.containers, &found).await?;
+        Ok(Response::new(ContainerStatsResponse { stats: Some(stats) }))
     }
 
     async fn list_container_stats(
         &self,
-        _request: Request<ListContainerStatsRequest>,
+        request: Request<ListContainerStatsRequest>,
     ) -> Result<Response<ListContainerStatsResponse>, Status> {
-        Err(not_built("ListContainerStats", STATS))
+        let stats =
+            stats::list_containers(&self.daemon.containers, request.into_inner().filter).await?;
+        Ok(Response::new(ListContainerStatsResponse { stats }))
     }
 
     async fn pod_sandbox_stats(
         &self,
-        _request: Request<PodSandboxStatsRequest>,
+        request: Request<PodSandboxStatsRequest>,
     ) -> Result<Response<PodSandboxStatsResponse>, Status> {
-        Err(not_built("PodSandboxStats", STATS))
+        let id = request.into_inner().pod_sandbox_id;
+        let pod = self.daemon.sandboxes.get(&id).await?;
+        let stats = stats::pod(&self.daemon, &pod).await?;
+        Ok(Response::new(PodSandboxStatsResponse {
+            stats: Some(stats),
+        }))
     }
 
     async fn list_pod_sandbox_stats(
         &self,
-        _request: Request<ListPodSandboxStatsRequest>,
+        request: Request<ListPodSandboxStatsRequest>,
     ) -> Result<Response<ListPodSandboxStatsResponse>, Status> {
-        Err(not_built("ListPodSandboxStats", STATS))
+        let filter = request.into_inner().filter.unwrap_or_default();
+        let mut stats = Vec::new();
+        for pod in self.daemon.sandboxes.all().await? {
+            if pod.state != crate::sandbox::PodState::Ready
+                || (!filter.id.is_empty() && !pod.id.starts_with(&filter.id))
+                || !crate::sandbox::labels_match(&pod.config.labels, &filter.label_selector)
+            {
+                continue;
+            }
+            stats.push(stats::pod(&self.daemon, &pod).await?);
+        }
+        Ok(Response::new(ListPodSandboxStatsResponse { stats }))
     }
 
     async fn checkpoint_container(
