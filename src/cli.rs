@@ -43,6 +43,9 @@ enum Command {
     /// for ExecSync).
     #[command(hide = true)]
     ExecHelper(ExecHelperArgs),
+    /// Internal: a pod's infra process (PID 1 of a shared PID namespace).
+    #[command(hide = true)]
+    Pause,
     /// Internal: make a pod's namespaces and pin them (run by the daemon).
     #[command(hide = true)]
     NsPin(NsPinArgs),
@@ -178,6 +181,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)))
         }
+        Command::Pause => Ok(crate::sandbox::infra::pause()),
         Command::NsPin(args) => {
             let sysctls = args
                 .sysctl

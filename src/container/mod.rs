@@ -514,7 +514,7 @@ impl ContainerManager {
                 net: pod.namespace_path("net"),
                 ipc: pod.namespace_path("ipc"),
                 uts: pod.namespace_path("uts"),
-                pid: None,
+                pid: pod.namespace_path("pid"),
                 target_pid: None,
             },
             pod_files: spec::PodFiles {

@@ -8,6 +8,7 @@
 //! even the name reservation.
 
 pub mod files;
+pub mod infra;
 pub mod namespaces;
 
 use std::collections::HashMap;
@@ -56,6 +57,8 @@ pub enum SandboxError {
     Network(#[from] NetworkError),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Infra(#[from] infra::InfraError),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -90,6 +93,10 @@ pub struct PodRecord {
     /// The pod cgroup, when berth made it (kubelet usually has).
     pub created_cgroup: Option<String>,
     pub shm: Option<PathBuf>,
+    /// The infra process holding a PID namespace the pod's containers
+    /// share (`namespace_options.pid = POD`).
+    #[serde(default)]
+    pub infra_pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -114,6 +121,11 @@ impl PodRecord {
     /// The pinned namespace file of `kind` (`net`, `ipc`, `uts`), if the pod
     /// has its own.
     pub fn namespace_path(&self, kind: &str) -> Option<PathBuf> {
+        if kind == "pid" {
+            return self
+                .infra_pid
+                .map(|pid| PathBuf::from(format!("/proc/{pid}/ns/pid")));
+        }
         let own = match kind {
             "net" => self.namespaces.net,
             "ipc" => self.namespaces.ipc,
@@ -141,6 +153,7 @@ fn name_key(config: &PodSandboxConfig) -> String {
 pub struct SandboxManager {
     store: Store,
     pods_dir: PathBuf,
+    state_dir: PathBuf,
     network: Arc<Network>,
     cgroups: Option<CgroupManager>,
     locks: KeyedLocks,
@@ -192,6 +205,7 @@ impl SandboxManager {
         SandboxManager {
             store,
             pods_dir: state.join("pods"),
+            state_dir: state.to_path_buf(),
             network,
             cgroups,
             locks: KeyedLocks::default(),
@@ -273,6 +287,7 @@ impl SandboxManager {
             network: None,
             created_cgroup: None,
             shm: None,
+            infra_pid: None,
             config,
         };
         self.reserve_name(&pod).await?;
@@ -375,6 +390,17 @@ impl SandboxManager {
         pod.shm = shm;
         self.put(pod).await?;
 
+        if shares_pid(&pod.config) {
+            let pins: Vec<(&str, PathBuf)> = ["net", "ipc", "uts"]
+                .into_iter()
+                .filter_map(|kind| pod.namespace_path(kind).map(|p| (kind, p)))
+                .collect();
+            let procs = self.pod_cgroup_procs(pod);
+            let paths = infra::InfraPaths::new(&dir, &self.state_dir, &pod.id);
+            pod.infra_pid = Some(infra::start(&paths, &pod.id, &pins, procs).await?);
+            self.put(pod).await?;
+        }
+
         if pod.namespaces.net {
             let status = self.network.attach(&network_request(pod)).await?;
             pod.network = Some(record_of(status));
@@ -385,6 +411,7 @@ impl SandboxManager {
     /// Undoes everything a pod may have: network, shm, pins, dir, cgroup.
     /// Each step tolerates what is already gone, so this is idempotent.
     async fn teardown(&self, pod: &PodRecord) -> Result<(), SandboxError> {
+        infra::stop(&infra::InfraPaths::new(&pod.dir, &self.state_dir, &pod.id)).await;
         if pod.namespaces.net {
             self.network.detach(&network_request(pod)).await?;
         }
@@ -420,6 +447,7 @@ impl SandboxManager {
         };
         let _lock = self.locks.lock(&pod.id).await;
         let mut pod = self.get(&pod.id).await?;
+        infra::stop(&infra::InfraPaths::new(&pod.dir, &self.state_dir, &pod.id)).await;
         if pod.namespaces.net {
             self.network.detach(&network_request(&pod)).await?;
         }
@@ -441,6 +469,26 @@ impl SandboxManager {
         let store = self.store.clone();
         blocking(move || store.delete(Kind::Pod, &pod.id)).await??;
         Ok(())
+    }
+
+    /// The pod cgroup's `cgroup.procs` files, when the pod has a cgroup.
+    fn pod_cgroup_procs(&self, pod: &PodRecord) -> Vec<PathBuf> {
+        let parent = pod
+            .config
+            .linux
+            .as_ref()
+            .map(|l| l.cgroup_parent.clone())
+            .unwrap_or_default();
+        match &self.cgroups {
+            Some(cgroups) if !parent.is_empty() => cgroups
+                .pod_path(&parent)
+                .map(|p| cgroups.open(&p).procs_files())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|f| f.exists())
+                .collect(),
+            _ => Vec::new(),
+        }
     }
 
     pub fn network(&self) -> &Arc<Network> {
@@ -580,6 +628,18 @@ pub fn validate(
         }
     }
     Ok(pins)
+}
+
+/// Whether the pod's containers share one PID namespace (CRI's default
+/// mode, and kubelet's for `shareProcessNamespace: true`).
+pub fn shares_pid(config: &PodSandboxConfig) -> bool {
+    let options = config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.clone())
+        .unwrap_or_default();
+    mode(options.pid) == NamespaceMode::Pod
 }
 
 /// Labels match a selector when every selector pair is present.

@@ -78,6 +78,7 @@ impl From<SandboxError> for Status {
             | SandboxError::Pin(_)
             | SandboxError::Files(_)
             | SandboxError::Cgroup(_)
+            | SandboxError::Infra(_)
             | SandboxError::Io { .. }
             | SandboxError::Task(_) => Status::internal(message),
         }
