@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod container;
 pub mod daemon;
+pub mod events;
 pub mod executor;
 pub mod image;
 pub mod locks;

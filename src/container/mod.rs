@@ -19,6 +19,7 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use crate::events::EventKind;
 use crate::executor::cgroups::{CgroupError, CgroupManager};
 use crate::image::snapshot::{SnapshotError, Snapshots};
 use crate::image::store::{ImageError, ImageRecord, ImageStore};
@@ -168,6 +169,7 @@ pub struct ContainerManager {
     /// The last CPU sample per container: (ns timestamp, usage ns), to turn
     /// cumulative usage into nano-cores as cadvisor does.
     cpu_samples: std::sync::Mutex<HashMap<String, (i64, u64)>>,
+    events: crate::events::Events,
 }
 
 /// A container's resource usage at one moment.
@@ -224,6 +226,7 @@ impl ContainerManager {
             reserve: tokio::sync::Mutex::new(()),
             exits,
             cpu_samples: std::sync::Mutex::new(HashMap::new()),
+            events: crate::events::Events::default(),
         }))
     }
 
@@ -287,6 +290,9 @@ impl ContainerManager {
         let Ok(mut container) = self.get(id).await else {
             return Ok(()); // removed meanwhile
         };
+        if container.state == ContainerState::Exited {
+            return Ok(()); // the watcher and a stop both saw it
+        }
         let path = container.exit_record(&self.state_dir);
         let record: ExitRecord = blocking(move || monitor::read_exit_record(&path)).await??;
         container.state = ContainerState::Exited;
@@ -301,7 +307,14 @@ impl ContainerManager {
             record.reason
         };
         container.message = record.message;
-        self.put(&container).await
+        self.put(&container).await?;
+        self.events.publish(
+            &container.id,
+            &container.pod_id,
+            EventKind::Stopped,
+            container.finished_at,
+        );
+        Ok(())
     }
 
     pub async fn all(&self) -> Result<Vec<ContainerRecord>, ContainerError> {
@@ -424,6 +437,12 @@ impl ContainerManager {
             Ok(()) => {
                 container.state = ContainerState::Created;
                 self.put(&container).await?;
+                self.events.publish(
+                    &container.id,
+                    &container.pod_id,
+                    EventKind::Created,
+                    container.created_at,
+                );
                 Ok(container)
             }
             Err(e) => {
@@ -677,7 +696,14 @@ impl ContainerManager {
             Ok(_) => {
                 container.state = ContainerState::Running;
                 container.started_at = now_ns();
-                self.put(&container).await
+                self.put(&container).await?;
+                self.events.publish(
+                    &container.id,
+                    &container.pod_id,
+                    EventKind::Started,
+                    container.started_at,
+                );
+                Ok(())
             }
             Err(e) => {
                 // The monitor wrote a StartError record; the watcher files it.
@@ -732,7 +758,14 @@ impl ContainerManager {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&container.id);
-        self.delete_record(&container.id).await
+        self.delete_record(&container.id).await?;
+        self.events.publish(
+            &container.id,
+            &container.pod_id,
+            EventKind::Deleted,
+            now_ns(),
+        );
+        Ok(())
     }
 
     /// Removes every container of a pod (RemovePodSandbox) or stops them
@@ -860,6 +893,10 @@ impl ContainerManager {
             .reopen_log()
             .await?;
         Ok(())
+    }
+
+    pub fn events(&self) -> &crate::events::Events {
+        &self.events
     }
 
     pub fn state_dir(&self) -> &Path {

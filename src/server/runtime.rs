@@ -414,10 +414,17 @@ impl RuntimeService for Runtime {
         &self,
         _request: Request<GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
-        Err(not_built(
-            "GetContainerEvents",
-            "the container event stream",
-        ))
+        let mut events = self.daemon.containers.events().subscribe();
+        let daemon = self.daemon.clone();
+        let stream = async_stream(move |tx| async move {
+            while let Some(event) = events.next().await {
+                let response = event_response(&daemon, event).await;
+                if tx.send(Ok(response)).await.is_err() {
+                    break; // the subscriber went away
+                }
+            }
+        });
+        Ok(Response::new(stream))
     }
 
     async fn list_metric_descriptors(
@@ -432,6 +439,47 @@ impl RuntimeService for Runtime {
         _request: Request<ListPodSandboxMetricsRequest>,
     ) -> Result<Response<ListPodSandboxMetricsResponse>, Status> {
         Err(not_built("ListPodSandboxMetrics", STATS))
+    }
+}
+
+/// A stream fed by a task; a full channel (slow reader) holds the task,
+/// which in turn lets the broadcast drop that subscriber's oldest events.
+fn async_stream<F, Fut>(produce: F) -> EventStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<ContainerEventResponse, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(produce(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+async fn event_response(daemon: &Daemon, event: crate::events::Event) -> ContainerEventResponse {
+    use crate::events::EventKind;
+    let kind = match event.kind {
+        EventKind::Created => ContainerEventType::ContainerCreatedEvent,
+        EventKind::Started => ContainerEventType::ContainerStartedEvent,
+        EventKind::Stopped => ContainerEventType::ContainerStoppedEvent,
+        EventKind::Deleted => ContainerEventType::ContainerDeletedEvent,
+    };
+    let pod_sandbox_status = match daemon.sandboxes.get(&event.pod_id).await {
+        Ok(pod) => sandbox::status(&pod, false).ok().and_then(|r| r.status),
+        Err(_) => None,
+    };
+    let containers_statuses = match daemon.containers.all().await {
+        Ok(all) => all
+            .iter()
+            .filter(|c| c.pod_id == event.pod_id)
+            .filter_map(|c| container::status(c, false).status)
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    ContainerEventResponse {
+        container_id: event.container_id,
+        container_event_type: kind as i32,
+        created_at: event.at,
+        pod_sandbox_status,
+        containers_statuses,
     }
 }
 
