@@ -1,6 +1,8 @@
 //! Daemon logs: `tracing` to stderr, as text or as one JSON object a line.
 //! `RUST_LOG`, when set, refines the configured level per module.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogLevel};
@@ -9,8 +11,11 @@ pub fn init(level: LogLevel, format: LogFormat) {
     let filter = EnvFilter::builder()
         .with_default_directive(level_filter(level).into())
         .from_env_lossy();
+    // Colour only for a person at a terminal: log files and journald get
+    // plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // A second init (tests, or a subcommand that already logged) keeps the
     // first subscriber; that is harmless, so the error is ignored.
