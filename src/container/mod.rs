@@ -488,6 +488,12 @@ impl ContainerManager {
     ) -> Result<(), ContainerError> {
         let bundle = container.bundle.clone();
         std::fs::create_dir_all(&bundle).map_err(io_err("create", &bundle))?;
+        // Fix: the log's directory is made when nobody has (crictl with a
+        // log_path like `name/0.log`), as containerd's openLogFile does;
+        // without it the monitor failed CreateContainer with ENOENT.
+        if let Some(dir) = container.log_path.parent() {
+            std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+        }
         let (snapshots, id, chain_ids) = (
             self.snapshots.clone(),
             container.id.clone(),
@@ -703,6 +709,12 @@ impl ContainerManager {
                     EventKind::Started,
                     container.started_at,
                 );
+                // Fix: a process that exits at once may have had its exit
+                // filed by the watcher (which does not take this lock)
+                // before the put above, which then overwrote Exited with
+                // Running for good. File it again now that Running is
+                // stored; an exit recorded after this is the watcher's.
+                self.record_exit_if_written(&container).await?;
                 Ok(())
             }
             Err(e) => {

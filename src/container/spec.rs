@@ -201,6 +201,14 @@ pub struct HostInfo {
     pub hostname: String,
     /// `/proc/sys/kernel/cap_last_cap`.
     pub last_cap: usize,
+    /// The daemon's own effective capabilities (`CapEff` of
+    /// /proc/self/status), `None` if unknown. Fix: "all capabilities"
+    /// (privileged, add ALL) is bounded by this, as containerd's
+    /// `WithAllCurrentCapabilities`: a daemon that itself lacks one (run
+    /// in a container or a sandbox without CAP_SYS_RESOURCE, say) failed
+    /// every privileged container with "capset failure: Operation not
+    /// permitted".
+    pub current_caps: Option<u64>,
     /// Go's name of the node architecture (`amd64`, `arm64`, ...), which
     /// the seccomp profile's `arches` use.
     pub arch: String,
@@ -281,6 +289,13 @@ impl HostInfo {
                 .ok()
                 .and_then(|s| s.trim().parse().ok())
                 .unwrap_or(ALL_CAPABILITIES.len() - 1),
+            current_caps: std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("CapEff:"))
+                        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                }),
             arch: go_arch().to_string(),
             kernel,
             cgroup_mount_options,
@@ -606,7 +621,10 @@ pub fn capabilities(
     let all: Vec<String> = ALL_CAPABILITIES
         .iter()
         .take(host.last_cap.saturating_add(1))
-        .map(|c| c.to_string())
+        .enumerate()
+        // Only what the daemon has (see HostInfo::current_caps).
+        .filter(|(n, _)| host.current_caps.is_none_or(|m| m & (1u64 << n) != 0))
+        .map(|(_, c)| c.to_string())
         .collect();
     if sc.privileged {
         return Ok(all);

@@ -54,6 +54,7 @@ impl Fx {
             apparmor: false,
             hostname: "node-1".into(),
             last_cap: 40,
+            current_caps: None,
             arch: "amd64".into(),
             kernel: (6, 1),
             cgroup_mount_options: vec!["nsdelegate".into(), "memory_recursiveprot".into()],
@@ -871,6 +872,20 @@ fn all_capabilities_stop_at_the_kernels_last_cap() {
     let got = caps(&fx.spec());
     assert_eq!(got.len(), 38);
     assert!(!got.contains(&"CAP_BPF".into()));
+}
+
+#[test]
+fn all_capabilities_are_only_those_the_daemon_has() {
+    let mut fx = Fx::new();
+    // A daemon without CAP_SYS_RESOURCE (24), as in a sandbox.
+    fx.host.current_caps = Some(((1u64 << 41) - 1) & !(1 << 24));
+    fx.sc().capabilities = Some(CriCapability {
+        add_capabilities: vec!["ALL".into()],
+        ..CriCapability::default()
+    });
+    let got = caps(&fx.spec());
+    assert_eq!(got.len(), 40);
+    assert!(!got.contains(&"CAP_SYS_RESOURCE".into()));
 }
 
 // ------------------------------------------------------------ privileged
