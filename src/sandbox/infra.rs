@@ -62,8 +62,9 @@ impl InfraPaths {
     pub fn new(pod_dir: &Path, state: &Path, pod_id: &str) -> InfraPaths {
         InfraPaths {
             bundle: pod_dir.join("infra"),
-            // Short: a unix socket path has 108 bytes.
-            control_socket: state.join("s").join(format!("{pod_id}.infra")),
+            // Short: a unix socket path has 108 bytes. Pod and container
+            // ids are both random 256-bit names, so they share the dir.
+            control_socket: state.join("s").join(pod_id),
         }
     }
 }
