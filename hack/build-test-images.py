@@ -3,7 +3,7 @@
 
 Usage:
   hack/build-test-images.py --registry 127.0.0.1:PORT --out DIR/images.json
-                            [--busybox /bin/busybox] [--quiet]
+                            [--busybox /bin/busybox] [--bench] [--quiet]
 
 Builds small OCI / Docker images from Debian's busybox-static (/bin/busybox)
 with nothing but the Python 3 standard library (and the `zstd` CLI for the
@@ -24,6 +24,13 @@ Images, all under berth-test/:
   multiarch:latest        OCI image index: linux/amd64 and linux/arm64/v8, each
                           busybox + a layer with /arch ("amd64\\n" / "arm64\\n")
   zstd:latest             one tar+zstd layer: busybox content + /zstd-marker
+  pause:latest            the busybox layer alone, Cmd ["sleep", "2147483647"]:
+                          the sandbox (pause) image for a containerd peer
+                          (hack/containerd-peer.sh); berth needs none
+  bench:8x25mb            only with --bench (for `berth bench --scenario pull`):
+                          8 gzip layers, each one file /bench/layer-N.bin of
+                          25 MiB of SHAKE-256 output seeded by N, so that it
+                          does not compress (~210 MB to pull); ~5 s to build
 
 Reproducible: entries sorted, mtimes fixed (FIXED_EPOCH), uid/gid numeric
 with empty user/group names, gzip header mtime 0 and no file name, JSON
@@ -463,14 +470,14 @@ def busybox_expected():
     }
 
 
-def image_config(key, built_layers, user="", arch="amd64", variant=None):
+def image_config(key, built_layers, user="", arch="amd64", variant=None, cmd=None):
     cfg = {
         "created": FIXED_CREATED,
         "architecture": arch,
         "os": "linux",
         "config": {
             "Env": [PATH_ENV],
-            "Cmd": ["sh"],
+            "Cmd": cmd or ["sh"],
             "Labels": {"berth.test.image": key},
         },
         "rootfs": {"type": "layers", "diff_ids": [b.blob.diff_id for b in built_layers]},
@@ -489,15 +496,16 @@ def image_config(key, built_layers, user="", arch="amd64", variant=None):
 class Image:
     """One single-platform image: config + layers + manifest."""
 
-    def __init__(self, key, built_layers, docker=False, user="", arch="amd64", variant=None):
+    def __init__(self, key, built_layers, docker=False, user="", arch="amd64", variant=None, cmd=None):
         self.key = key
         self.layers = built_layers
         self.user = user
+        self.cmd = cmd or ["sh"]
         self.platform = {"os": "linux", "architecture": arch}
         if variant:
             self.platform["variant"] = variant
         config_type = DOCKER_CONFIG if docker else OCI_CONFIG
-        self.config = Blob(canonical_json(image_config(key, built_layers, user, arch, variant)), config_type)
+        self.config = Blob(canonical_json(image_config(key, built_layers, user, arch, variant, cmd)), config_type)
         if docker:
             for b in built_layers:
                 if b.blob.media_type != OCI_LAYER_GZIP:
@@ -544,7 +552,7 @@ class Image:
             "diff_ids": [l["diff_id"] for l in layers],
             "layers_size": layers_size,
             "content_size": len(self.manifest) + self.config.size + layers_size,
-            "cmd": ["sh"],
+            "cmd": self.cmd,
             "env": [PATH_ENV],
             "user": self.user,
         }
@@ -672,7 +680,28 @@ class Registry:
 # --------------------------------------------------------------------------
 
 
-def build(busybox_path):
+BENCH_LAYERS = 8
+BENCH_LAYER_BYTES = 25 * 1024 * 1024
+
+
+def bench_layers():
+    """The layers of berth-test/bench:8x25mb: incompressible, yet the same on
+    every run (SHAKE-256 is a deterministic stream)."""
+    layers = []
+    for i in range(BENCH_LAYERS):
+        data = hashlib.shake_256(f"berth-bench-layer-{i}".encode()).digest(BENCH_LAYER_BYTES)
+        layers.append(BuiltLayer(Layer().file(f"bench/layer-{i}.bin", data)))
+    return layers
+
+
+def bench_expected():
+    return {
+        "exist": [f"/bench/layer-{i}.bin" for i in range(BENCH_LAYERS)], "absent": [],
+        "files": {}, "symlinks": {}, "hardlinks": [], "dirs": {}, "owners": {}, "modes": {},
+    }
+
+
+def build(busybox_path, bench=False):
     t0 = time.monotonic()
     bb_layer, applets = busybox_layer(busybox_path)
     bb = BuiltLayer(bb_layer)
@@ -720,7 +749,15 @@ def build(busybox_path):
             "files": {"/zstd-marker": "zstd\n"}, "symlinks": {"/bin/sh": "busybox"},
             "hardlinks": [], "dirs": {}, "owners": {}, "modes": {"/tmp": "1777"},
         }),
+        # Adds only a config and a manifest: the busybox layer is shared.
+        ("pause", "berth-test/pause", "latest",
+         Image("pause", [bb], cmd=["sleep", "2147483647"]), root, bb_expected),
     ]
+    if bench:
+        t1 = time.monotonic()
+        plan.append(("bench-8x25mb", "berth-test/bench", "8x25mb",
+                     Image("bench-8x25mb", bench_layers()), root, bench_expected()))
+        log(f"built the bench image in {time.monotonic() - t1:.1f}s")
     return plan
 
 
@@ -803,6 +840,8 @@ def main():
     parser.add_argument("--registry", required=True, help="registry address, 127.0.0.1:PORT")
     parser.add_argument("--out", required=True, help="where to write images.json")
     parser.add_argument("--busybox", default="/bin/busybox", help="static busybox binary (default /bin/busybox)")
+    parser.add_argument("--bench", action="store_true",
+                        help="also build berth-test/bench:8x25mb (~210 MB, for `berth bench`)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     ARGS = parser.parse_args()
 
@@ -811,7 +850,7 @@ def main():
         check_registry_arg(ARGS.registry)
         reg = Registry(ARGS.registry)
         reg.check_v2()
-        plan = build(ARGS.busybox)
+        plan = build(ARGS.busybox, bench=ARGS.bench)
         images = push_and_describe(reg, plan)
     except BuildError as e:
         print(f"build-test-images: {e}", file=sys.stderr)

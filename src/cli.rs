@@ -35,6 +35,8 @@ enum Command {
     Config(DirFlags),
     /// Print berth's version and the CRI API version it speaks.
     Version,
+    /// Run a CRI scenario against one or two endpoints and compare them.
+    Bench(crate::bench::BenchArgs),
     /// Internal: supervise one container (started by the daemon with
     /// `--config <bundle>/monitor.json`).
     #[command(hide = true)]
@@ -202,6 +204,11 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             crate::sandbox::namespaces::pin_main(&args.dir, &request)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(args) => Ok(if crate::bench::run(args)? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }),
         Command::Version => {
             println!("berth {}", env!("CARGO_PKG_VERSION"));
             println!("CRI API v1");

@@ -5,6 +5,7 @@
 #![deny(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+pub mod bench;
 pub mod check;
 pub mod cli;
 pub mod config;

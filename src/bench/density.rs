@@ -1,0 +1,135 @@
+//! Scenario `density`: N pods with one sleeping container each, made on the
+//! endpoints in turn. Reports the memory each pod costs the runtime (the
+//! growth of daemon, per-container helpers and pod infra processes, over N)
+//! and the latency of kubelet's relist calls, ListPodSandbox and
+//! ListContainers, at N pods; then removes the pods, timing that too.
+
+use std::time::Duration;
+
+use super::client::Failure;
+use super::target::{DensityMemory, Target};
+use super::{Ctx, order};
+
+/// Time for helpers to settle (lazy page faults, shim start-up) before the
+/// memory is read.
+const SETTLE: Duration = Duration::from_secs(2);
+
+pub async fn run(targets: &mut [Target], ctx: &Ctx) {
+    let n = ctx.pods as usize;
+    let mut pods: Vec<Vec<String>> = vec![Vec::new(); targets.len()];
+    let before: Vec<_> = targets.iter().map(Target::snapshot).collect();
+
+    for i in 0..ctx.pods {
+        for t in order(i, targets.len()) {
+            let target = &mut targets[t];
+            if !target.active() {
+                continue;
+            }
+            match add_pod(target, ctx).await {
+                Ok(pod) => pods[t].push(pod),
+                Err(f) => target.fail(f),
+            }
+        }
+    }
+
+    tokio::time::sleep(SETTLE).await;
+    for (t, target) in targets.iter_mut().enumerate() {
+        if pods[t].len() == n && target.active() {
+            let after = target.snapshot_with_infra(&pods[t]).await;
+            target.memory.density = Some(DensityMemory::new(n, before[t], after));
+            if !target.with_containers() {
+                target.notes.push(
+                    "density: its pods have no container (not implemented yet): the per-pod \
+                     overhead is of empty pods"
+                        .to_string(),
+                );
+            }
+        }
+    }
+
+    let list_pods = format!("ListPodSandbox @{n} pods");
+    let list_containers = format!("ListContainers @{n} pods");
+    for i in 0..ctx.iterations {
+        for t in order(i, targets.len()) {
+            let target = &mut targets[t];
+            if !target.active() {
+                continue;
+            }
+            let listed = async {
+                let (count, d) = target.conn.list_pods().await?;
+                target.record(&list_pods, d);
+                check_count(target, "ListPodSandbox", count, n, i);
+                if target.with_containers() {
+                    let (count, d) = target.conn.list_containers().await?;
+                    target.record(&list_containers, d);
+                    check_count(target, "ListContainers", count, n, i);
+                }
+                Ok::<_, Failure>(())
+            };
+            if let Err(f) = listed.await {
+                target.fail(f);
+            }
+        }
+    }
+
+    // Tear down in the same interleaved order; an endpoint that failed is
+    // left to the final clean-up.
+    for i in 0..ctx.pods {
+        for t in order(i, targets.len()) {
+            let target = &mut targets[t];
+            let Some(pod) = pods[t].get(i as usize).cloned() else {
+                continue;
+            };
+            if !target.active() {
+                continue;
+            }
+            // Stopping a pod stops its container: an empty pod's numbers get
+            // their own rows.
+            let (stop_op, remove_op) = if target.with_containers() {
+                ("StopPodSandbox (teardown)", "RemovePodSandbox (teardown)")
+            } else {
+                (
+                    "StopPodSandbox (teardown, empty pods)",
+                    "RemovePodSandbox (teardown, empty pods)",
+                )
+            };
+            let removed = async {
+                let stop = target.conn.stop_pod(&pod).await?;
+                let remove = target.conn.remove_pod(&pod).await?;
+                target.record(stop_op, stop);
+                target.record(remove_op, remove);
+                Ok::<_, Failure>(())
+            };
+            if let Err(f) = removed.await {
+                target.fail(f);
+            }
+        }
+    }
+}
+
+async fn add_pod(target: &mut Target, ctx: &Ctx) -> Result<String, Failure> {
+    let seq = target.next_seq();
+    let pod_config = ctx.naming.pod_config(target.index, seq);
+    let (pod, run) = target.conn.run_pod(&pod_config).await?;
+    target.record("RunPodSandbox (filling)", run);
+    // An endpoint without containers yet fills with empty pods (noted).
+    if target.with_containers() {
+        let (ctr, create) = target
+            .conn
+            .create_container(&pod, &ctx.naming.sleeper(&ctx.image), &pod_config)
+            .await?;
+        let start = target.conn.start_container(&ctr).await?;
+        target.record("CreateContainer (filling)", create);
+        target.record("StartContainer (filling)", start);
+    }
+    Ok(pod)
+}
+
+/// Other pods on the endpoint make the lists longer than N: noted once.
+fn check_count(target: &mut Target, op: &str, count: usize, n: usize, iteration: u32) {
+    if iteration == 0 && count != n {
+        target.notes.push(format!(
+            "{op} returned {count} items, not {n}: the runtime has other pods"
+        ));
+    }
+}
