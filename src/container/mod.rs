@@ -21,11 +21,12 @@ use tokio::sync::broadcast;
 
 use crate::events::EventKind;
 use crate::executor::cgroups::{CgroupError, CgroupManager};
+use crate::ids::{Lookup, now_ns};
 use crate::image::snapshot::{SnapshotError, Snapshots};
 use crate::image::store::{ImageError, ImageRecord, ImageStore};
 use crate::locks::KeyedLocks;
 use crate::monitor::{self, ExitRecord, ExitWatcher, MonitorClient, MonitorConfig, MonitorError};
-use crate::sandbox::{PodRecord, PodState, SandboxError, SandboxManager, new_id, now_ns};
+use crate::sandbox::{PodRecord, PodState, SandboxError, SandboxManager};
 use crate::store::{Kind, Store, StoreError};
 
 /// How long a stop waits for a SIGKILLed process to be reported gone.
@@ -332,20 +333,12 @@ impl ContainerManager {
             });
         }
         let all = self.all().await?;
-        if let Some(c) = all.iter().find(|c| c.id == id) {
-            return Ok(c.clone());
-        }
-        let matches: Vec<&ContainerRecord> = all.iter().filter(|c| c.id.starts_with(id)).collect();
-        match matches.as_slice() {
-            [] => Err(ContainerError::NotFound(id.to_string())),
-            [one] => Ok((*one).clone()),
-            many => Err(ContainerError::Ambiguous {
+        match crate::ids::find_by_prefix(&all, id, |c| c.id.as_str()) {
+            Lookup::Found(container) => Ok(container),
+            Lookup::NotFound => Err(ContainerError::NotFound(id.to_string())),
+            Lookup::Ambiguous(ids) => Err(ContainerError::Ambiguous {
                 prefix: id.to_string(),
-                ids: many
-                    .iter()
-                    .map(|c| c.id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                ids,
             }),
         }
     }
@@ -402,7 +395,11 @@ impl ContainerManager {
             .await?
             .ok_or_else(|| ContainerError::ImageNotFound(image_name.clone()))?;
 
-        let id = new_id()?;
+        let id = crate::ids::new_id().map_err(|source| ContainerError::Io {
+            op: "read",
+            path: PathBuf::from("/dev/urandom"),
+            source,
+        })?;
         let bundle = self.state_dir.join("containers").join(&id);
         let log_path = log_path(&pod, &config, &bundle)?;
         let mut container = ContainerRecord {

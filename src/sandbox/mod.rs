@@ -22,6 +22,7 @@ use k8s_cri::v1::{
 use serde::{Deserialize, Serialize};
 
 use crate::executor::cgroups::{CgroupError, CgroupManager};
+use crate::ids::{Lookup, now_ns};
 use crate::locks::KeyedLocks;
 use crate::network::{
     Network, NetworkError, PodNetworkRequest, PodNetworkStatus, PortMapping, Protocol,
@@ -161,26 +162,13 @@ pub struct SandboxManager {
     reserve: tokio::sync::Mutex<()>,
 }
 
-/// Nanoseconds since the epoch, as CRI timestamps are.
-pub fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-}
-
-/// 64 random hex characters, as container runtimes name things.
-pub fn new_id() -> Result<String, SandboxError> {
-    use std::io::Read;
-    let mut bytes = [0u8; 32];
-    let path = PathBuf::from("/dev/urandom");
-    std::fs::File::open(&path)
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|source| SandboxError::Io {
-            op: "read",
-            path,
-            source,
-        })?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+/// A fresh pod id.
+fn new_pod_id() -> Result<String, SandboxError> {
+    crate::ids::new_id().map_err(|source| SandboxError::Io {
+        op: "read",
+        path: PathBuf::from("/dev/urandom"),
+        source,
+    })
 }
 
 async fn blocking<T: Send + 'static>(
@@ -241,20 +229,12 @@ impl SandboxManager {
             });
         }
         let pods = self.all().await?;
-        if let Some(pod) = pods.iter().find(|p| p.id == id) {
-            return Ok(pod.clone());
-        }
-        let matches: Vec<&PodRecord> = pods.iter().filter(|p| p.id.starts_with(id)).collect();
-        match matches.as_slice() {
-            [] => Err(SandboxError::NotFound(id.to_string())),
-            [one] => Ok((*one).clone()),
-            many => Err(SandboxError::Ambiguous {
+        match crate::ids::find_by_prefix(&pods, id, |p| p.id.as_str()) {
+            Lookup::Found(pod) => Ok(pod),
+            Lookup::NotFound => Err(SandboxError::NotFound(id.to_string())),
+            Lookup::Ambiguous(ids) => Err(SandboxError::Ambiguous {
                 prefix: id.to_string(),
-                ids: many
-                    .iter()
-                    .map(|p| p.id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                ids,
             }),
         }
     }
@@ -272,7 +252,7 @@ impl SandboxManager {
         runtime_handler: &str,
     ) -> Result<PodRecord, SandboxError> {
         let pins = validate(&config, runtime_handler)?;
-        let id = new_id()?;
+        let id = new_pod_id()?;
         let mut pod = PodRecord {
             id: id.clone(),
             runtime_handler: runtime_handler.to_string(),

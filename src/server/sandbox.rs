@@ -77,7 +77,7 @@ pub fn status(pod: &PodRecord, verbose: bool) -> Result<PodSandboxStatusResponse
         }),
         info,
         containers_statuses: Vec::new(),
-        timestamp: crate::sandbox::now_ns(),
+        timestamp: crate::ids::now_ns(),
     })
 }
 

@@ -95,7 +95,7 @@ pub async fn pod(daemon: &Daemon, pod: &PodRecord) -> Result<PodSandboxStats, St
             containers.push(container(&daemon.containers, &c).await?);
         }
     }
-    let timestamp = crate::sandbox::now_ns();
+    let timestamp = crate::ids::now_ns();
     // The pod cgroup holds all its containers: kubelet's or berth's.
     let parent = pod
         .config
