@@ -202,13 +202,15 @@ fn propagation_err<'a>(path: &'a Path, what: &'static str) -> impl Fn(Errno) -> 
 }
 
 /// pivot_root refuses a new root whose parent mount is shared; with a shared
-/// rootfsPropagation, make that one mount private (runc does the same).
+/// rootfsPropagation, make that one mount private (runc does the same). The
+/// parent is the mount the rootfs bind will sit on: the rootfs itself when
+/// it is a mount point (an overlay snapshot), as runc's getParentMount.
 fn make_parent_mount_private(rootfs: &Path) -> Result<(), RootfsError> {
     let infos = mounts::mountinfo()?;
     let parent = infos
         .iter()
         .map(|i| i.mount_point.as_path())
-        .filter(|mp| rootfs.starts_with(mp) && *mp != rootfs)
+        .filter(|mp| rootfs.starts_with(mp))
         .max_by_key(|mp| mp.as_os_str().len())
         .unwrap_or(Path::new("/"));
     mount(
