@@ -45,4 +45,4 @@ BERTH_TEST_REGISTRY=$(cat "$workdir/registry/address")
 BERTH_TEST_IMAGES="$workdir/images.json"
 
 echo "== cargo test"
-cargo test --all-targets
+cargo test --all-targets --no-fail-fast

@@ -209,17 +209,17 @@ async fn rpcs_not_built_yet_answer_unimplemented() {
     let mut runtime = daemon.runtime().await;
     let errors = [
         runtime
-            .run_pod_sandbox(RunPodSandboxRequest::default())
+            .exec(ExecRequest::default())
             .await
-            .expect_err("RunPodSandbox"),
+            .expect_err("Exec"),
         runtime
-            .list_containers(ListContainersRequest::default())
+            .attach(AttachRequest::default())
             .await
-            .expect_err("ListContainers"),
+            .expect_err("Attach"),
         runtime
-            .exec_sync(ExecSyncRequest::default())
+            .list_metric_descriptors(ListMetricDescriptorsRequest::default())
             .await
-            .expect_err("ExecSync"),
+            .expect_err("ListMetricDescriptors"),
         runtime
             .checkpoint_container(CheckpointContainerRequest::default())
             .await
