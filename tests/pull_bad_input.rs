@@ -572,16 +572,15 @@ async fn pull_refuses_manifest_larger_than_4_mib() {
     let manifest = serde_json::to_vec(&manifest).expect("manifest JSON");
     let published = image.publish_with(&registry, "bad/huge-manifest", "1", &manifest);
 
+    // Refused from its declared length, before it is read: the error names
+    // the reference (a digest of a body never read cannot be named).
     pull_fails(
         &daemon,
         &published.reference,
-        &[
-            &sha256(&manifest),
-            &format!(
-                "{} bytes is larger than the {MAX_MANIFEST_BYTES}-byte limit",
-                manifest.len()
-            ),
-        ],
+        &[&format!(
+            "{} bytes is larger than the {MAX_MANIFEST_BYTES}-byte limit",
+            manifest.len()
+        )],
     )
     .await;
     assert_nothing_left(&daemon);
@@ -602,7 +601,6 @@ async fn pull_of_layer_that_never_arrives_times_out() {
 }
 
 #[tokio::test]
-#[ignore = "berth bug: the manifest is read whole, unbounded, before the 4 MiB limit is checked (src/image/pull.rs:376 pull_manifest_raw buffers the body; manifest::parse checks the size after), so a registry can make the daemon buffer any amount"]
 async fn pull_refuses_oversized_manifest_without_reading_all_of_it() {
     let registry = FakeRegistry::start().await;
     let daemon = daemon();

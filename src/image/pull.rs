@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference as OciReference};
+use oci_client::{Client, Reference as OciReference, RegistryOperation};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::config::{ImageConfig, RegistryConfig};
@@ -116,6 +116,9 @@ struct Session<'a> {
     endpoint: &'a Endpoint,
     name: String,
     client: Client,
+    /// For manifests, which oci-client would read whole before berth could
+    /// bound them; authenticated with the token oci-client negotiates.
+    http: reqwest::Client,
     auth: RegistryAuth,
 }
 
@@ -227,10 +230,19 @@ impl Puller {
             read_timeout: Some(self.progress_timeout()),
             ..ClientConfig::default()
         });
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(self.progress_timeout())
+            .build()
+            .map_err(|e| PullError::Registry {
+                endpoint: name.clone(),
+                message: format!("HTTP client: {e}"),
+            })?;
         Ok(Session {
             endpoint,
             name,
             client,
+            http,
             auth,
         })
     }
@@ -392,13 +404,7 @@ impl Puller {
         reference: &OciReference,
         expected: Option<&Descriptor>,
     ) -> Result<(Digest, Bytes), PullError> {
-        let (bytes, _) = session
-            .client
-            .pull_manifest_raw(reference, &session.auth, manifest::ACCEPT)
-            .await
-            .map_err(|e| {
-                session.registry_err(format!("fetch manifest {}: {e}", reference.whole()))
-            })?;
+        let bytes = fetch_bounded_manifest(session, reference).await?;
         let digest = Digest::of(&bytes);
         if let Some(descriptor) = expected {
             if descriptor.digest != digest.to_string() {
@@ -601,6 +607,117 @@ impl Puller {
             other => PullError::Layer(other),
         })
     }
+}
+
+/// GETs a manifest and refuses it as soon as it is larger than
+/// [`manifest::MAX_MANIFEST_BYTES`], declared or streamed: a registry cannot
+/// make the daemon buffer more than that.
+async fn fetch_bounded_manifest(
+    session: &Session<'_>,
+    reference: &OciReference,
+) -> Result<Bytes, PullError> {
+    let what = reference.whole();
+    let fail = |message: String| session.registry_err(format!("fetch manifest {what}: {message}"));
+    let too_large = |size: u64| PullError::Manifest {
+        endpoint: session.name.clone(),
+        source: ManifestError::TooLarge {
+            digest: what.clone(),
+            size,
+            limit: manifest::MAX_MANIFEST_BYTES,
+        },
+    };
+    // oci-client does the token dance (anonymous, basic or bearer
+    // challenge) and hands back a bearer token when the registry wants one.
+    let token = session
+        .client
+        .auth(reference, &session.auth, RegistryOperation::Pull)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let scheme = if session.endpoint.insecure {
+        "http"
+    } else {
+        "https"
+    };
+    let target = reference
+        .digest()
+        .or_else(|| reference.tag())
+        .unwrap_or("latest");
+    let url = format!(
+        "{scheme}://{}/v2/{}/manifests/{target}",
+        session.endpoint.host, session.endpoint.repository
+    );
+    let mut request = session
+        .http
+        .get(&url)
+        .header(reqwest::header::ACCEPT, manifest::ACCEPT.join(", "));
+    request = match (&token, &session.auth) {
+        (Some(token), _) | (None, RegistryAuth::Bearer(token)) => request.bearer_auth(token),
+        (None, RegistryAuth::Basic(user, password)) => request.basic_auth(user, Some(password)),
+        (None, RegistryAuth::Anonymous) => request,
+    };
+    let response = request.send().await.map_err(|e| fail(error_chain(&e)))?;
+    let status = response.status();
+    if let Some(declared) = response.content_length()
+        && declared > manifest::MAX_MANIFEST_BYTES
+    {
+        return Err(too_large(declared));
+    }
+    let mut body = Vec::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| fail(error_chain(&e)))?;
+        if (body.len() + chunk.len()) as u64 > manifest::MAX_MANIFEST_BYTES {
+            return Err(too_large((body.len() + chunk.len()) as u64));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+        return Err(fail(format!(
+            "not authorized (HTTP {status}): {}",
+            registry_errors(&body)
+        )));
+    }
+    if !status.is_success() {
+        return Err(fail(format!("HTTP {status}: {}", registry_errors(&body))));
+    }
+    Ok(Bytes::from(body))
+}
+
+/// The `message`s of a registry's error body, or the start of the body.
+fn registry_errors(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Errors {
+        errors: Vec<ErrorItem>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ErrorItem {
+        #[serde(default)]
+        code: String,
+        #[serde(default)]
+        message: String,
+    }
+    match serde_json::from_slice::<Errors>(body) {
+        Ok(errors) if !errors.errors.is_empty() => errors
+            .errors
+            .iter()
+            .map(|e| format!("{} ({})", e.message, e.code))
+            .collect::<Vec<_>>()
+            .join("; "),
+        _ => String::from_utf8_lossy(&body[..body.len().min(256)])
+            .trim()
+            .to_string(),
+    }
+}
+
+/// An error with its causes, so "error sending request" says why.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 /// The download's chunks, written to the content store as they are read.
