@@ -253,10 +253,19 @@ impl ContainerManager {
             loop {
                 match watcher.next().await {
                     Ok(id) => {
-                        if let Err(e) = this.record_exit(&id).await {
-                            tracing::warn!(container = %id, "record exit: {e}");
-                        }
-                        let _ = this.exits.send(id);
+                        // A stop or remove waiting for this exit holds the
+                        // container's lock: wake it first (it records the
+                        // exit itself), then record under the lock, so the
+                        // record and its event never overtake a StartContainer
+                        // still saving RUNNING.
+                        let _ = this.exits.send(id.clone());
+                        let this = this.clone();
+                        tokio::spawn(async move {
+                            let _lock = this.locks.lock(&id).await;
+                            if let Err(e) = this.record_exit(&id).await {
+                                tracing::warn!(container = %id, "record exit: {e}");
+                            }
+                        });
                     }
                     Err(e) => {
                         tracing::error!("exit watcher stopped: {e}");
