@@ -92,17 +92,18 @@ impl RuntimeService for Runtime {
                 ],
             }),
             info,
-            // The default handler only; none of the optional handler
-            // features is built yet, so none is claimed.
+            // The default handler only. Recursive read-only mounts
+            // (mount_setattr) and the Strict supplemental-groups policy are
+            // built; user namespaces for pods are not, so not claimed.
             runtime_handlers: vec![RuntimeHandler {
                 name: String::new(),
                 features: Some(RuntimeHandlerFeatures {
-                    recursive_read_only_mounts: false,
+                    recursive_read_only_mounts: true,
                     user_namespaces: false,
                 }),
             }],
             features: Some(RuntimeFeatures {
-                supplemental_groups_policy: false,
+                supplemental_groups_policy: true,
             }),
         }))
     }
