@@ -525,12 +525,7 @@ impl ContainerManager {
         container.gid = resolved.gid;
         container.additional_gids = resolved.additional_gids.clone();
 
-        let parent = pod
-            .config
-            .linux
-            .as_ref()
-            .map(|l| l.cgroup_parent.clone())
-            .unwrap_or_default();
+        let parent = pod.cgroup_parent();
         let cgroup = match &self.cgroups {
             Some(cgroups) => Some(cgroups.container_path(&parent, &container.id)?),
             None => None,

@@ -119,6 +119,15 @@ impl PodRecord {
         name_key(&self.config)
     }
 
+    /// kubelet's cgroup parent for the pod (empty when it gave none).
+    pub fn cgroup_parent(&self) -> String {
+        self.config
+            .linux
+            .as_ref()
+            .map(|l| l.cgroup_parent.clone())
+            .unwrap_or_default()
+    }
+
     /// The pinned namespace file of `kind` (`net`, `ipc`, `uts`), if the pod
     /// has its own.
     pub fn namespace_path(&self, kind: &str) -> Option<PathBuf> {
@@ -331,12 +340,7 @@ impl SandboxManager {
         blocking(move || namespaces::pin(&ns_dir, &pins)).await??;
 
         if let Some(cgroups) = &self.cgroups {
-            let parent = pod
-                .config
-                .linux
-                .as_ref()
-                .map(|l| l.cgroup_parent.clone())
-                .unwrap_or_default();
+            let parent = pod.cgroup_parent();
             if !parent.is_empty() {
                 let path = cgroups.pod_path(&parent)?;
                 let exists = cgroups.open(&path).dirs().iter().any(|d| d.is_dir());
@@ -453,12 +457,7 @@ impl SandboxManager {
 
     /// The pod cgroup's `cgroup.procs` files, when the pod has a cgroup.
     fn pod_cgroup_procs(&self, pod: &PodRecord) -> Vec<PathBuf> {
-        let parent = pod
-            .config
-            .linux
-            .as_ref()
-            .map(|l| l.cgroup_parent.clone())
-            .unwrap_or_default();
+        let parent = pod.cgroup_parent();
         match &self.cgroups {
             Some(cgroups) if !parent.is_empty() => cgroups
                 .pod_path(&parent)
@@ -508,12 +507,7 @@ fn network_request(pod: &PodRecord) -> PodNetworkRequest {
                 options: d.options.clone(),
             }),
         bandwidth: None,
-        cgroup_parent: pod
-            .config
-            .linux
-            .as_ref()
-            .map(|l| l.cgroup_parent.clone())
-            .unwrap_or_default(),
+        cgroup_parent: pod.cgroup_parent(),
     }
 }
 

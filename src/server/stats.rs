@@ -97,12 +97,7 @@ pub async fn pod(daemon: &Daemon, pod: &PodRecord) -> Result<PodSandboxStats, St
     }
     let timestamp = crate::ids::now_ns();
     // The pod cgroup holds all its containers: kubelet's or berth's.
-    let parent = pod
-        .config
-        .linux
-        .as_ref()
-        .map(|l| l.cgroup_parent.clone())
-        .unwrap_or_default();
+    let parent = pod.cgroup_parent();
     let pod_usage = match (daemon.containers.cgroups(), parent.is_empty()) {
         (Some(cgroups), false) => {
             let cgroup = cgroups
