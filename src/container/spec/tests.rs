@@ -754,6 +754,20 @@ fn default_device_rules_deny_all_then_allow_the_standard_nodes() {
     );
 }
 
+/// What a cgroup v2 host enforces for them: the rules as one filter.
+#[test]
+fn default_device_rules_make_a_v2_device_filter() {
+    use crate::executor::cgroups::devices::{DeviceRule, Filter};
+    let rules: Vec<DeviceRule> = default_device_rules()
+        .iter()
+        .map(|r| DeviceRule::parse(r).expect("rule"))
+        .collect();
+    assert_eq!(
+        Filter::from_rules(&rules).expect("filter").to_string(),
+        "deny all but b *:* m, c *:* m, c 1:3 rwm, c 1:5 rwm, c 1:7 rwm, c 1:8 rwm, c 1:9 rwm, c 5:0 rwm, c 5:1 rwm, c 5:2 rwm, c 136:* rwm"
+    );
+}
+
 #[test]
 fn cri_devices_become_spec_devices_and_allow_rules() {
     let mut fx = Fx::new();

@@ -10,7 +10,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use oci_spec::runtime::LinuxResources;
 
-use super::resources::{self, Controller, Host, Target, Version, Write};
+use super::devices::{self, Filter};
+use super::resources::{self, Controller, Host, Step, Target, Version, Write};
 use super::stats::{self, CgroupStats};
 use super::{CgroupDriver, CgroupError, CgroupLayout, CgroupMode, CgroupPath, path};
 
@@ -18,18 +19,39 @@ use super::{CgroupDriver, CgroupError, CgroupLayout, CgroupMode, CgroupPath, pat
 /// with the wait between tries growing to 16 ms: about 200 ms in all.
 const RMDIR_TRIES: u32 = 16;
 
+/// Attaches a device filter to a cgroup's v2 directory: [`devices::install`],
+/// or in tests a stand-in that records it in the fake tree.
+type InstallDeviceFilter = fn(&Path, &Filter) -> Result<(), CgroupError>;
+
+fn install_device_filter(dir: &Path, filter: &Filter) -> Result<(), CgroupError> {
+    tracing::debug!("device filter of {}: {filter}", dir.display());
+    Ok(devices::install(dir, filter)?)
+}
+
 /// Names and makes cgroups on one host.
 #[derive(Debug, Clone)]
 pub struct CgroupManager {
     layout: CgroupLayout,
     driver: CgroupDriver,
+    install_device_filter: InstallDeviceFilter,
 }
 
 impl CgroupManager {
     /// `layout` from [`CgroupLayout::detect`], or a fake one whose mounts are
     /// temporary directories.
     pub fn new(layout: CgroupLayout, driver: CgroupDriver) -> Self {
-        CgroupManager { layout, driver }
+        CgroupManager {
+            layout,
+            driver,
+            install_device_filter,
+        }
+    }
+
+    /// Fake trees are no cgroups: the kernel would refuse a program there.
+    #[cfg(test)]
+    pub(crate) fn with_device_filter_installer(mut self, install: InstallDeviceFilter) -> Self {
+        self.install_device_filter = install;
+        self
     }
 
     /// The manager for this host.
@@ -70,14 +92,14 @@ impl CgroupManager {
         resources: Option<&LinuxResources>,
     ) -> Result<Cgroup, CgroupError> {
         let cgroup = self.open(path);
-        let writes = match resources {
+        let steps = match resources {
             Some(r) => resources::plan(r, &cgroup.host(None))?,
             None => Vec::new(),
         };
         let mut created = Vec::new();
         let made = cgroup
             .make_dirs(&mut created)
-            .and_then(|()| writes.iter().try_for_each(|w| cgroup.execute(w)));
+            .and_then(|()| steps.iter().try_for_each(|s| cgroup.execute(s)));
         if let Err(e) = made {
             for dir in created.iter().rev() {
                 if let Err(undo) = std::fs::remove_dir(dir) {
@@ -134,6 +156,7 @@ impl CgroupManager {
             controllers,
             v2_dir,
             v2_enable,
+            install_device_filter: self.install_device_filter,
         }
     }
 }
@@ -159,6 +182,7 @@ pub struct Cgroup {
     v2_dir: Option<PathBuf>,
     /// v2 controllers to enable in the parents' `cgroup.subtree_control`.
     v2_enable: Vec<&'static str>,
+    install_device_filter: InstallDeviceFilter,
 }
 
 impl Cgroup {
@@ -193,18 +217,26 @@ impl Cgroup {
 
     /// Makes the cgroup's limits match `resources`; fields that are absent
     /// are left as they are, so this is also the live update of
-    /// UpdateContainerResources.
+    /// UpdateContainerResources. Device rules given replace the cgroup's
+    /// device filter on v2 (its program is swapped, see
+    /// [`devices::install`]).
     pub fn apply(&self, resources: &LinuxResources) -> Result<(), CgroupError> {
+        for step in self.plan(resources)? {
+            self.execute(&step)?;
+        }
+        Ok(())
+    }
+
+    /// What [`Cgroup::apply`] would do, in order; reads the current v1
+    /// memory limit, which decides the order of the memory writes.
+    pub fn plan(&self, resources: &LinuxResources) -> Result<Vec<Step>, CgroupError> {
         let current = match self.controllers.get(&Controller::Memory) {
             Some((dir, Version::V1)) => std::fs::read_to_string(dir.join("memory.limit_in_bytes"))
                 .ok()
                 .and_then(|s| s.trim().parse().ok()),
             _ => None,
         };
-        for w in resources::plan(resources, &self.host(current))? {
-            self.execute(&w)?;
-        }
-        Ok(())
+        resources::plan(resources, &self.host(current))
     }
 
     pub fn stats(&self) -> Result<CgroupStats, CgroupError> {
@@ -367,7 +399,23 @@ impl Cgroup {
         Ok(())
     }
 
-    fn execute(&self, w: &Write) -> Result<(), CgroupError> {
+    fn execute(&self, step: &Step) -> Result<(), CgroupError> {
+        match step {
+            Step::Write(w) => self.write(w),
+            Step::DeviceFilter(filter) => {
+                let Some(dir) = &self.v2_dir else {
+                    // The plan checked this, as for a write.
+                    return Err(CgroupError::MissingController {
+                        controller: "v2 hierarchy",
+                        what: "device rules".to_string(),
+                    });
+                };
+                (self.install_device_filter)(dir, filter)
+            }
+        }
+    }
+
+    fn write(&self, w: &Write) -> Result<(), CgroupError> {
         let dir = match w.target {
             Target::Controller(c) => self.controllers.get(&c).map(|(dir, _)| dir),
             Target::V2Dir => self.v2_dir.as_ref(),

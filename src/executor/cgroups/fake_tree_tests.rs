@@ -2,7 +2,9 @@
 //! cgroupfs trees in temporary directories: a hybrid v1 host with `cpu` and
 //! `cpuacct` split and hugetlb on the v2 hierarchy (this project's CI host),
 //! and a pure v2 host. The fake trees hold the files the kernel would create
-//! with each directory.
+//! with each directory; the v2 device filter, which only a real cgroup can
+//! take, is recorded in a file by a stand-in installer (the real one is in
+//! `host_tests`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -516,18 +518,136 @@ fn unified_host_writes_v2_files() {
     assert_eq!(read("cgroup.kill"), "1");
 }
 
+/// Stands in for the kernel: the fake leaf records the filter it was given.
+const FILTER_RECORD: &str = "device-filter.test";
+
+fn record_filter(dir: &Path, filter: &devices::Filter) -> Result<(), CgroupError> {
+    let path = dir.join(FILTER_RECORD);
+    std::fs::write(&path, filter.to_string()).map_err(|errno| CgroupError::Write {
+        path,
+        value: filter.to_string(),
+        errno,
+    })
+}
+
+fn refuse_filter(dir: &Path, _: &devices::Filter) -> Result<(), CgroupError> {
+    Err(devices::DeviceFilterError::Attach {
+        path: dir.to_path_buf(),
+        errno: nix::errno::Errno::EPERM,
+    }
+    .into())
+}
+
+fn device_rules(rules: Vec<oci_spec::runtime::LinuxDeviceCgroup>) -> LinuxResources {
+    let mut r = LinuxResources::default();
+    r.set_devices(Some(rules));
+    r
+}
+
 #[test]
-fn device_rules_are_refused_on_v2_before_anything_is_made() {
+fn unified_host_plans_and_attaches_a_device_filter() {
     let fake = unified();
-    let manager = CgroupManager::new(fake.layout.clone(), CgroupDriver::Cgroupfs);
+    let manager = CgroupManager::new(fake.layout.clone(), CgroupDriver::Cgroupfs)
+        .with_device_filter_installer(record_filter);
     let path = manager.container_path(POD, "c1").expect("path");
-    let err = manager
-        .create(&path, Some(&full_resources(true)))
-        .expect_err("devices on v2");
+    populate_unified(&fake, &path);
+    let r = full_resources(true);
+    let steps = manager.open(&path).plan(&r).expect("plan");
+    let filters: Vec<String> = steps
+        .iter()
+        .filter_map(|s| match s {
+            resources::Step::DeviceFilter(f) => Some(f.to_string()),
+            resources::Step::Write(_) => None,
+        })
+        .collect();
+    assert_eq!(filters, ["deny all but c 1:3 rwm"]);
+    assert!(matches!(
+        steps.last(),
+        Some(resources::Step::DeviceFilter(_))
+    ));
+    assert!(!steps.iter().any(|s| matches!(
+        s,
+        resources::Step::Write(w) if w.target == resources::Target::Controller(resources::Controller::Devices)
+    )));
+
+    let cgroup = manager.create(&path, Some(&r)).expect("create");
+    assert_eq!(fake.read("cgroup", &path, "memory.max"), "67108864");
     assert_eq!(
-        err.to_string(),
-        "device rules on cgroup v2 are not supported yet"
+        fake.read("cgroup", &path, FILTER_RECORD),
+        "deny all but c 1:3 rwm"
     );
+    // Update: the rules given replace the filter; none given leave it.
+    cgroup
+        .apply(&device_rules(vec![
+            device(false, LinuxDeviceType::A, None, None),
+            device(true, LinuxDeviceType::C, Some(1), Some(3)),
+            device(true, LinuxDeviceType::C, Some(1), Some(5)),
+        ]))
+        .expect("update");
+    assert_eq!(
+        fake.read("cgroup", &path, FILTER_RECORD),
+        "deny all but c 1:3 rwm, c 1:5 rwm"
+    );
+    cgroup.apply(&full_resources(false)).expect("no devices");
+    assert_eq!(
+        fake.read("cgroup", &path, FILTER_RECORD),
+        "deny all but c 1:3 rwm, c 1:5 rwm"
+    );
+    // The privileged allow-all is a filter too: it takes the program away.
+    cgroup
+        .apply(&device_rules(vec![device(
+            true,
+            LinuxDeviceType::A,
+            None,
+            None,
+        )]))
+        .expect("allow-all");
+    assert_eq!(fake.read("cgroup", &path, FILTER_RECORD), "allow all");
+}
+
+#[test]
+fn hybrid_host_keeps_v1_device_files() {
+    let fake = hybrid();
+    let manager = CgroupManager::new(fake.layout.clone(), CgroupDriver::Cgroupfs)
+        .with_device_filter_installer(refuse_filter);
+    let path = manager.container_path(POD, "c1").expect("path");
+    let steps = manager
+        .open(&path)
+        .plan(&full_resources(true))
+        .expect("plan");
+    let devices: Vec<(String, String)> = steps
+        .iter()
+        .map(|s| match s {
+            resources::Step::Write(w) => w,
+            resources::Step::DeviceFilter(f) => panic!("v1 devices, yet a filter: {f}"),
+        })
+        .filter(|w| w.target == resources::Target::Controller(resources::Controller::Devices))
+        .map(|w| w.choices[0].clone())
+        .collect();
+    assert_eq!(
+        devices,
+        [
+            ("devices.deny".to_string(), "a *:* rwm".to_string()),
+            ("devices.allow".to_string(), "c 1:3 rwm".to_string()),
+        ]
+    );
+}
+
+#[test]
+fn device_rules_are_checked_before_anything_is_made() {
+    let fake = unified();
+    let manager = CgroupManager::new(fake.layout.clone(), CgroupDriver::Cgroupfs)
+        .with_device_filter_installer(record_filter);
+    let path = manager.container_path(POD, "c1").expect("path");
+    let r = device_rules(vec![
+        device(false, LinuxDeviceType::A, None, None),
+        device(true, LinuxDeviceType::C, None, None),
+        device(false, LinuxDeviceType::C, Some(1), Some(3)),
+    ]);
+    let err = manager
+        .create(&path, Some(&r))
+        .expect_err("hole in a wildcard");
+    assert!(err.to_string().contains("cut a hole"), "{err}");
     assert!(
         !manager
             .pod_path(POD)
@@ -535,11 +655,32 @@ fn device_rules_are_refused_on_v2_before_anything_is_made() {
             .under(&fake.mount("cgroup"))
             .exists()
     );
-    // The privileged allow-all is accepted (with a warning).
-    populate_unified(&fake, &path);
-    let mut r = LinuxResources::default();
-    r.set_devices(Some(vec![device(true, LinuxDeviceType::A, None, None)]));
-    manager.create(&path, Some(&r)).expect("allow-all");
+}
+
+#[test]
+fn failed_device_filter_removes_the_leaf_it_made() {
+    let fake = unified();
+    let manager = CgroupManager::new(fake.layout.clone(), CgroupDriver::Cgroupfs)
+        .with_device_filter_installer(refuse_filter);
+    let path = manager.container_path(POD, "c1").expect("path");
+    let pod = manager.pod_path(POD).expect("pod");
+    put_path(
+        &fake.mount("cgroup"),
+        &pod,
+        &[("cgroup.controllers", ""), ("cgroup.subtree_control", "")],
+        &[],
+    );
+    let r = device_rules(vec![device(false, LinuxDeviceType::A, None, None)]);
+    let err = manager.create(&path, Some(&r)).expect_err("refused");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "attach the device filter program to {}: EPERM: Operation not permitted",
+            path.under(&fake.mount("cgroup")).display()
+        )
+    );
+    assert!(!path.under(&fake.mount("cgroup")).exists(), "leaf removed");
+    assert!(pod.under(&fake.mount("cgroup")).exists());
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! Against the real kernel: need root and cgroup v1 controllers (the v2
-//! paths are covered by the fake trees). Each test works under its own
-//! top-level cgroup, removed by a guard also when the test fails.
+//! paths are covered by the fake trees), except the device filter tests,
+//! which need root and any v2 hierarchy (a hybrid host's empty one will
+//! do). Each test works under its own top-level cgroup, removed by a guard
+//! also when the test fails.
 
 use std::io::Write as _;
 use std::os::unix::process::ExitStatusExt;
@@ -8,22 +10,26 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use oci_spec::runtime::{
-    LinuxCpuBuilder, LinuxHugepageLimitBuilder, LinuxMemoryBuilder, LinuxPidsBuilder,
+    LinuxCpuBuilder, LinuxDeviceCgroup, LinuxDeviceCgroupBuilder, LinuxDeviceType,
+    LinuxHugepageLimitBuilder, LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResources,
     LinuxResourcesBuilder,
 };
 
 use super::*;
 
-/// The host's manager, or `None` (with the reason printed) when this host
-/// cannot run these tests.
-fn host(driver: CgroupDriver) -> Option<CgroupManager> {
+fn is_root() -> bool {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let root = status
+    status
         .lines()
         .find_map(|l| l.strip_prefix("Uid:"))
         .and_then(|ids| ids.split_whitespace().nth(1))
-        == Some("0");
-    if !root {
+        == Some("0")
+}
+
+/// The host's manager, or `None` (with the reason printed) when this host
+/// cannot run these tests.
+fn host(driver: CgroupDriver) -> Option<CgroupManager> {
+    if !is_root() {
         eprintln!("skipped: needs root to create cgroups");
         return None;
     }
@@ -393,4 +399,226 @@ fn host_v1_kill_freezes_and_kills_every_process() {
     let freezer = path.under(&manager.layout().v1["freezer"]);
     assert_eq!(read(&freezer, "freezer.state"), "THAWED");
     cgroup.delete().expect("delete");
+}
+
+/// The host's layout if it has a v2 hierarchy and we may attach programs
+/// there, or `None` with the reason printed.
+fn v2_layout() -> Option<CgroupLayout> {
+    if !is_root() {
+        eprintln!("skipped: needs root to attach device filter programs");
+        return None;
+    }
+    let layout = match CgroupLayout::detect() {
+        Ok(Some(layout)) => layout,
+        Ok(None) => {
+            eprintln!("skipped: no cgroup hierarchy is mounted");
+            return None;
+        }
+        Err(e) => {
+            eprintln!("skipped: read /proc/self/mountinfo: {e}");
+            return None;
+        }
+    };
+    if layout.v2_mount.is_none() {
+        eprintln!(
+            "skipped: needs a cgroup v2 hierarchy; this host runs {}",
+            layout.mode
+        );
+        return None;
+    }
+    Some(layout)
+}
+
+fn device(allow: bool, typ: LinuxDeviceType, major: i64, minor: i64) -> LinuxDeviceCgroup {
+    let mut b = LinuxDeviceCgroupBuilder::default()
+        .allow(allow)
+        .typ(typ)
+        .access("rwm");
+    if major >= 0 {
+        b = b.major(major);
+    }
+    if minor >= 0 {
+        b = b.minor(minor);
+    }
+    b.build().expect("device rule")
+}
+
+/// `deny a *:* rwm`, then allow each char device `(major, minor)` rwm.
+fn allow_only(chars: &[(i64, i64)]) -> LinuxResources {
+    let mut rules = vec![device(false, LinuxDeviceType::A, -1, -1)];
+    rules.extend(
+        chars
+            .iter()
+            .map(|&(major, minor)| device(true, LinuxDeviceType::C, major, minor)),
+    );
+    LinuxResourcesBuilder::default()
+        .devices(rules)
+        .build()
+        .expect("resources")
+}
+
+fn filter_of(r: &LinuxResources) -> devices::Filter {
+    let rules: Vec<devices::DeviceRule> = r
+        .devices()
+        .iter()
+        .flatten()
+        .map(|d| devices::DeviceRule::parse(d).expect("rule"))
+        .collect();
+    devices::Filter::from_rules(&rules).expect("filter")
+}
+
+/// Opens `device` read-write from a shell that has joined the cgroup first:
+/// through `procs` (one `cgroup.procs`), or, when `None`, through
+/// `cgroup.add_pid` while the shell waits on stdin. `Err` holds its stderr.
+fn open_in(cgroup: &Cgroup, procs: Option<&std::path::Path>, device: &str) -> Result<(), String> {
+    let mut cmd = Command::new("/bin/sh");
+    match procs {
+        Some(procs) => cmd
+            .args(["-c", "echo $$ > \"$1\" && exec 3<>\"$2\"", "sh"])
+            .arg(procs)
+            .arg(device)
+            .stdin(Stdio::null()),
+        None => cmd
+            .args(["-c", "read go && exec 3<>\"$1\"", "sh", device])
+            .stdin(Stdio::piped()),
+    };
+    let mut child = Proc(
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sh"),
+    );
+    if procs.is_none() {
+        let pid = i32::try_from(child.0.id()).expect("pid fits");
+        cgroup.add_pid(pid).expect("add pid");
+        child
+            .0
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(b"go\n")
+            .expect("release");
+    }
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().expect("piped stderr"), &mut stderr)
+        .expect("read stderr");
+    let status = child.0.wait().expect("wait");
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{status}: {}", stderr.trim()))
+    }
+}
+
+fn assert_denied(result: Result<(), String>, device: &str) {
+    match result {
+        Ok(()) => panic!("{device} opened through the filter"),
+        Err(e) => {
+            assert!(e.contains("not permitted"), "{device}: {e}");
+            eprintln!("{device} denied: {e}");
+        }
+    }
+}
+
+#[test]
+fn host_device_filter_is_enforced_and_replaced() {
+    let Some(mut layout) = v2_layout() else {
+        return;
+    };
+    // Only the v2 hierarchy: the filter is all this test is about.
+    layout.v1.clear();
+    layout.v2_controllers.clear();
+    let manager = CgroupManager::new(layout, CgroupDriver::Cgroupfs);
+    let root = TestRoot::new(&manager, "devfilter");
+    let cgroup = manager.create(&root.path, None).expect("create");
+    let dir = cgroup.dirs().remove(0);
+    let procs = dir.join("cgroup.procs");
+    let attached = || devices::attached(&dir).expect("query");
+
+    // deny a *:* rwm; allow c 1:3 rwm (/dev/null)
+    let null_only = filter_of(&allow_only(&[(1, 3)]));
+    devices::install(&dir, &null_only).expect("install");
+    let first = attached();
+    assert_eq!(first.len(), 1, "{first:?}");
+    open_in(&cgroup, Some(&procs), "/dev/null").expect("/dev/null");
+    assert_denied(open_in(&cgroup, Some(&procs), "/dev/zero"), "/dev/zero");
+
+    // Update: one program swapped for another in place.
+    let with_zero = filter_of(&allow_only(&[(1, 3), (1, 5)]));
+    let start = Instant::now();
+    devices::install(&dir, &with_zero).expect("replace");
+    eprintln!("replace took {:?}", start.elapsed());
+    let second = attached();
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_ne!(first, second, "a new program");
+    open_in(&cgroup, Some(&procs), "/dev/zero").expect("/dev/zero after the update");
+    assert_denied(open_in(&cgroup, Some(&procs), "/dev/full"), "/dev/full");
+
+    // Someone added a second program: all must allow, and the next install
+    // attaches first, then detaches both.
+    devices::attach_another(&dir, &devices::Filter::deny_all()).expect("another");
+    assert_eq!(attached().len(), 2);
+    assert_denied(open_in(&cgroup, Some(&procs), "/dev/null"), "/dev/null");
+    devices::install(&dir, &with_zero).expect("install over two");
+    assert_eq!(attached().len(), 1);
+    open_in(&cgroup, Some(&procs), "/dev/null").expect("/dev/null again");
+
+    // Allow-all is no program.
+    let allow_all = filter_of(
+        &LinuxResourcesBuilder::default()
+            .devices(vec![device(true, LinuxDeviceType::A, -1, -1)])
+            .build()
+            .expect("resources"),
+    );
+    devices::install(&dir, &allow_all).expect("allow all");
+    assert_eq!(attached(), Vec::<u32>::new());
+    open_in(&cgroup, Some(&procs), "/dev/full").expect("/dev/full with no filter");
+}
+
+#[test]
+fn host_manager_attaches_device_filter_on_the_v2_hierarchy() {
+    let Some(mut layout) = v2_layout() else {
+        return;
+    };
+    // Devices as on a v2 host: no v1 controller for them, so the plan's
+    // step is the program on the cgroup's v2 directory.
+    layout.v1.remove("devices");
+    let manager = CgroupManager::new(layout, CgroupDriver::Cgroupfs);
+    let root = TestRoot::new(&manager, "devmanager");
+    let path = manager
+        .container_path(&format!("/{}", root.path.as_str()), "c")
+        .expect("path");
+    let mut r = allow_only(&[(1, 3)]);
+    r.set_pids(Some(
+        LinuxPidsBuilder::default()
+            .limit(16i64)
+            .build()
+            .expect("pids"),
+    ));
+    let cgroup = manager.create(&path, Some(&r)).expect("create");
+    let v2 = path.under(manager.layout().v2_mount.as_deref().expect("v2 mount"));
+    assert_eq!(devices::attached(&v2).expect("query").len(), 1);
+    open_in(&cgroup, None, "/dev/null").expect("/dev/null");
+    assert_denied(open_in(&cgroup, None, "/dev/zero"), "/dev/zero");
+
+    cgroup
+        .apply(&allow_only(&[(1, 3), (1, 5)]))
+        .expect("update");
+    assert_eq!(devices::attached(&v2).expect("query").len(), 1);
+    open_in(&cgroup, None, "/dev/zero").expect("/dev/zero after the update");
+    // An update without devices leaves the filter as it is.
+    cgroup
+        .apply(
+            &LinuxResourcesBuilder::default()
+                .pids(
+                    LinuxPidsBuilder::default()
+                        .limit(8i64)
+                        .build()
+                        .expect("pids"),
+                )
+                .build()
+                .expect("resources"),
+        )
+        .expect("pids update");
+    assert_denied(open_in(&cgroup, None, "/dev/full"), "/dev/full");
 }

@@ -28,6 +28,7 @@
 //! links zbus. The table here is small and covers exactly what kubelet asks.
 
 mod cgroup;
+pub mod devices;
 pub mod layout;
 pub mod path;
 pub mod resources;
@@ -63,8 +64,6 @@ pub enum CgroupError {
         controller: &'static str,
         what: String,
     },
-    #[error("device rules on cgroup v2 are not supported yet")]
-    V2DevicesUnsupported,
     #[error("unified cgroup resources need a cgroup v2 hierarchy; this host runs {mode}")]
     UnifiedNeedsV2 { mode: CgroupMode },
     #[error("create cgroup {path}: {errno}")]
@@ -90,6 +89,8 @@ pub enum CgroupError {
     },
     #[error("parse {path}: {reason}")]
     Parse { path: PathBuf, reason: String },
+    #[error(transparent)]
+    DeviceFilter(#[from] devices::DeviceFilterError),
     #[error("{path} has no oom_kill counter (needs kernel 4.13 or later)")]
     NoOomKillCounter { path: PathBuf },
     #[error("send SIGKILL to process {pid} of cgroup {cgroup}: {errno}")]

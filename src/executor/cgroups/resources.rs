@@ -1,7 +1,8 @@
 //! OCI `LinuxResources` → the control files to write, per controller and per
 //! cgroup version. Pure: validation happens here, before any directory is
-//! made, and the plan is a list that [`super::Cgroup::apply`] executes in
-//! order.
+//! made, and the plan is a list of steps that [`super::Cgroup::apply`]
+//! executes in order: control-file writes, and on v2 the device filter
+//! program.
 //!
 //! Conversions follow what kubelet and runc do, so that a pod gets the same
 //! numbers under berth as under containerd: cpu shares → `cpu.weight` with
@@ -11,8 +12,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use oci_spec::runtime::{LinuxDeviceCgroup, LinuxDeviceType, LinuxResources};
+use oci_spec::runtime::LinuxResources;
 
+use super::devices::{DeviceRule, Filter};
 use super::{CgroupError, CgroupMode};
 
 /// A controller as berth uses it; named after v1 where the names differ.
@@ -107,6 +109,16 @@ pub struct Write {
     pub skip_if_missing: Option<&'static str>,
 }
 
+/// One step of a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Write(Write),
+    /// The device rules as a v2 device filter program, attached to the
+    /// cgroup's v2 directory in place of the one there (see
+    /// [`super::devices::install`]).
+    DeviceFilter(Filter),
+}
+
 impl Write {
     fn one(target: Controller, file: impl Into<String>, value: impl ToString) -> Write {
         Write {
@@ -145,17 +157,19 @@ const MAX_SHARES: u64 = 262_144;
 const MIN_QUOTA_US: i64 = 1_000;
 const PERIOD_US: std::ops::RangeInclusive<u64> = 1_000..=1_000_000;
 
-/// The writes that make the cgroup match `r`, or the first invalid value.
-pub fn plan(r: &LinuxResources, host: &Host) -> Result<Vec<Write>, CgroupError> {
+/// The steps that make the cgroup match `r`, or the first invalid value.
+pub fn plan(r: &LinuxResources, host: &Host) -> Result<Vec<Step>, CgroupError> {
     let mut writes = Vec::new();
     cpu(r, host, &mut writes)?;
     memory(r, host, &mut writes)?;
     pids(r, host, &mut writes)?;
     hugetlb(r, host, &mut writes)?;
     block_io(r, host, &mut writes)?;
-    devices(r, host, &mut writes)?;
+    let filter = devices(r, host, &mut writes)?;
     unified(r, host, &mut writes)?;
-    Ok(writes)
+    let mut steps: Vec<Step> = writes.into_iter().map(Step::Write).collect();
+    steps.extend(filter.map(Step::DeviceFilter));
+    Ok(steps)
 }
 
 fn invalid(what: &str, reason: impl Into<String>) -> CgroupError {
@@ -474,79 +488,48 @@ fn block_io(r: &LinuxResources, host: &Host, out: &mut Vec<Write>) -> Result<(),
     Ok(())
 }
 
-/// v1 only. On v2 device access is enforced by an eBPF program attached to
-/// the cgroup (`BPF_CGROUP_DEVICE`), which berth does not build yet; rather
-/// than run a container with access to every device node it can mknod, any
-/// rule other than the privileged allow-all is refused there.
-fn devices(r: &LinuxResources, host: &Host, out: &mut Vec<Write>) -> Result<(), CgroupError> {
+/// v1: each rule is a line written to `devices.allow` or `devices.deny`, in
+/// order, the kernel keeping the list. v2 has no devices controller: the
+/// rules are emulated into a [`Filter`] and enforced by an eBPF program on
+/// the cgroup's v2 directory, which any v2 hierarchy offers (also the empty
+/// one of a hybrid host, where processes are tracked too). The step is
+/// there for allow-all as well: on an update it removes the program an
+/// earlier, stricter set of rules attached.
+fn devices(
+    r: &LinuxResources,
+    host: &Host,
+    out: &mut Vec<Write>,
+) -> Result<Option<Filter>, CgroupError> {
     let Some(rules) = r.devices().as_ref().filter(|d| !d.is_empty()) else {
-        return Ok(());
+        return Ok(None);
     };
-    if host.version(Controller::Devices) != Some(Version::V1) {
-        if rules.iter().all(is_allow_all) {
-            tracing::warn!("device cgroup rules are not enforced on cgroup v2 yet; allow-all is");
-            return Ok(());
+    let rules = rules
+        .iter()
+        .map(DeviceRule::parse)
+        .collect::<Result<Vec<_>, _>>()?;
+    if host.version(Controller::Devices) == Some(Version::V1) {
+        for rule in rules {
+            let file = if rule.allow {
+                "devices.allow"
+            } else {
+                "devices.deny"
+            };
+            out.push(Write::one(Controller::Devices, file, rule));
         }
-        if host.mode == CgroupMode::Unified {
-            return Err(CgroupError::V2DevicesUnsupported);
-        }
-        return Err(CgroupError::MissingController {
-            controller: "devices",
-            what: "device rules".to_string(),
-        });
+        return Ok(None);
     }
-    for rule in rules {
-        let access = rule.access().as_deref().unwrap_or("rwm");
-        let access = if access.is_empty() { "rwm" } else { access };
-        if !access.chars().all(|c| matches!(c, 'r' | 'w' | 'm')) {
-            return Err(invalid(
-                "device rule",
-                format!("access {access:?} is not of r, w, m"),
-            ));
-        }
-        let typ = match rule.typ().unwrap_or(LinuxDeviceType::A) {
-            LinuxDeviceType::A => "a",
-            LinuxDeviceType::B => "b",
-            LinuxDeviceType::C | LinuxDeviceType::U => "c",
-            LinuxDeviceType::P => {
-                return Err(invalid(
-                    "device rule",
-                    "fifo rules are not supported by the kernel",
-                ));
-            }
-        };
-        let num = |n: Option<i64>| match n {
-            None | Some(-1) => Ok("*".to_string()),
-            Some(n) if n >= 0 => Ok(n.to_string()),
-            Some(n) => Err(invalid(
-                "device rule",
-                format!("device number {n} is negative"),
-            )),
-        };
-        let line = format!(
-            "{typ} {}:{} {access}",
-            num(rule.major())?,
-            num(rule.minor())?
-        );
-        let file = if rule.allow() {
-            "devices.allow"
-        } else {
-            "devices.deny"
-        };
-        out.push(Write::one(Controller::Devices, file, line));
+    let filter = Filter::from_rules(&rules)?;
+    if host.has_v2_dir {
+        return Ok(Some(filter));
     }
-    Ok(())
-}
-
-fn is_allow_all(rule: &LinuxDeviceCgroup) -> bool {
-    rule.allow()
-        && matches!(rule.typ(), None | Some(LinuxDeviceType::A))
-        && matches!(rule.major(), None | Some(-1))
-        && matches!(rule.minor(), None | Some(-1))
-        && rule
-            .access()
-            .as_deref()
-            .is_none_or(|a| a.is_empty() || (a.contains('r') && a.contains('w') && a.contains('m')))
+    if filter.is_allow_all() {
+        tracing::debug!("no devices controller and no v2 hierarchy: allow-all needs neither");
+        return Ok(None);
+    }
+    Err(CgroupError::MissingController {
+        controller: "devices",
+        what: "device rules".to_string(),
+    })
 }
 
 /// Files that are not resources: writing them moves or kills processes or
@@ -597,8 +580,9 @@ mod tests {
     use std::collections::HashMap;
 
     use oci_spec::runtime::{
-        LinuxBlockIoBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder, LinuxHugepageLimitBuilder,
-        LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResourcesBuilder,
+        LinuxBlockIoBuilder, LinuxCpuBuilder, LinuxDeviceCgroup, LinuxDeviceCgroupBuilder,
+        LinuxDeviceType, LinuxHugepageLimitBuilder, LinuxMemoryBuilder, LinuxPidsBuilder,
+        LinuxResourcesBuilder,
     };
 
     use super::*;
@@ -625,8 +609,23 @@ mod tests {
         };
         Ok(plan(r, &h)?
             .into_iter()
-            .map(|w| w.choices[0].clone())
+            .map(|step| match step {
+                Step::Write(w) => w.choices[0].clone(),
+                Step::DeviceFilter(f) => ("device filter".to_string(), f.to_string()),
+            })
             .collect())
+    }
+
+    /// The plan's writes; a test that calls it expects nothing else.
+    fn writes(r: &LinuxResources, h: &Host) -> Vec<Write> {
+        plan(r, h)
+            .expect("plan")
+            .into_iter()
+            .map(|step| match step {
+                Step::Write(w) => w,
+                other => panic!("not a write: {other:?}"),
+            })
+            .collect()
     }
 
     fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -772,8 +771,7 @@ mod tests {
             mode: CgroupMode::Legacy,
             current_memory_limit: Some(1 << 25),
         };
-        let files: Vec<String> = plan(&r, &h)
-            .expect("plan")
+        let files: Vec<String> = writes(&r, &h)
             .into_iter()
             .map(|w| w.choices[0].0.clone())
             .collect();
@@ -798,7 +796,7 @@ mod tests {
             mode: CgroupMode::Legacy,
             current_memory_limit: None,
         };
-        let writes = plan(&r, &h).expect("plan");
+        let writes = writes(&r, &h);
         assert!(writes[0].skip_if_missing.is_none());
         assert!(writes[1].skip_if_missing.is_some());
     }
@@ -910,7 +908,7 @@ mod tests {
             mode: CgroupMode::Unified,
             current_memory_limit: None,
         };
-        let writes = plan(&r, &h).expect("plan");
+        let writes = writes(&r, &h);
         assert_eq!(
             writes[0].choices,
             pairs(&[("io.weight", "4950"), ("io.bfq.weight", "500")])
@@ -965,16 +963,95 @@ mod tests {
                 ("devices.allow", "c 136:* rwm"),
             ])
         );
-        let err = run(&r, Version::V2).expect_err("v2 devices");
         assert_eq!(
-            err.to_string(),
-            "device rules on cgroup v2 are not supported yet"
+            run(&r, Version::V2).expect("v2"),
+            pairs(&[("device filter", "deny all but c 1:3 rwm, c 136:* rwm")])
         );
+        // Allow-all is a step too: on an update it takes a stricter program away.
         let privileged = LinuxResourcesBuilder::default()
             .devices(vec![rule(true, LinuxDeviceType::A, None, None)])
             .build()
             .expect("resources");
-        assert_eq!(run(&privileged, Version::V2).expect("allow-all"), vec![]);
+        assert_eq!(
+            run(&privileged, Version::V2).expect("allow-all"),
+            pairs(&[("device filter", "allow all")])
+        );
+    }
+
+    #[test]
+    fn device_filter_comes_after_the_writes() {
+        let mut map = HashMap::new();
+        map.insert("memory.high".to_string(), "1048576".to_string());
+        let r = LinuxResourcesBuilder::default()
+            .devices(vec![
+                rule(false, LinuxDeviceType::A, None, None),
+                rule(true, LinuxDeviceType::B, Some(8), Some(0)),
+            ])
+            .pids(
+                LinuxPidsBuilder::default()
+                    .limit(8i64)
+                    .build()
+                    .expect("pids"),
+            )
+            .unified(map)
+            .build()
+            .expect("resources");
+        assert_eq!(
+            run(&r, Version::V2).expect("v2"),
+            pairs(&[
+                ("pids.max", "8"),
+                ("memory.high", "1048576"),
+                ("device filter", "deny all but b 8:0 rwm"),
+            ])
+        );
+    }
+
+    #[test]
+    fn device_rules_without_devices_controller_or_v2() {
+        let r = LinuxResourcesBuilder::default()
+            .devices(vec![
+                rule(false, LinuxDeviceType::A, None, None),
+                rule(true, LinuxDeviceType::C, Some(1), Some(3)),
+            ])
+            .build()
+            .expect("resources");
+        let h = Host {
+            versions: BTreeMap::new(),
+            has_v2_dir: false,
+            mode: CgroupMode::Legacy,
+            current_memory_limit: None,
+        };
+        let err = plan(&r, &h).expect_err("nothing to enforce with");
+        assert!(err.to_string().contains("controller devices"), "{err}");
+        let privileged = LinuxResourcesBuilder::default()
+            .devices(vec![rule(true, LinuxDeviceType::A, None, None)])
+            .build()
+            .expect("resources");
+        assert_eq!(plan(&privileged, &h).expect("allow-all"), vec![]);
+    }
+
+    #[test]
+    fn invalid_device_rules_are_refused_on_both_versions() {
+        let hole = LinuxResourcesBuilder::default()
+            .devices(vec![
+                rule(false, LinuxDeviceType::A, None, None),
+                rule(true, LinuxDeviceType::C, None, None),
+                rule(false, LinuxDeviceType::C, Some(1), Some(3)),
+            ])
+            .build()
+            .expect("resources");
+        let err = run(&hole, Version::V2).expect_err("hole");
+        assert!(err.to_string().contains("cut a hole"), "{err}");
+        // v1 keeps writing what it is given: the kernel ignores the hole.
+        assert_eq!(run(&hole, Version::V1).expect("v1").len(), 3);
+        let fifo = LinuxResourcesBuilder::default()
+            .devices(vec![rule(true, LinuxDeviceType::P, None, None)])
+            .build()
+            .expect("resources");
+        for version in [Version::V1, Version::V2] {
+            let err = run(&fifo, version).expect_err("fifo");
+            assert!(err.to_string().contains("fifo"), "{err}");
+        }
     }
 
     #[test]
