@@ -23,3 +23,4 @@ pub mod network;
 pub mod sandbox;
 pub mod server;
 pub mod store;
+pub mod streaming;
