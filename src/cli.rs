@@ -66,6 +66,13 @@ struct ExecHelperArgs {
     process: String,
     #[arg(long)]
     cgroup_procs: Vec<PathBuf>,
+    /// Give this process's stdin to the command.
+    #[arg(long, conflicts_with = "tty")]
+    stdin: bool,
+    /// Run the command on a pty; stdin is a unix socket that gets the
+    /// master.
+    #[arg(long)]
+    tty: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -180,6 +187,13 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                 &args.spec,
                 &args.process,
                 &args.cgroup_procs,
+                if args.tty {
+                    crate::container::exec::HelperInput::PtySocket
+                } else if args.stdin {
+                    crate::container::exec::HelperInput::Stdin
+                } else {
+                    crate::container::exec::HelperInput::None
+                },
             );
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)))
         }

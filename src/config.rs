@@ -50,6 +50,7 @@ pub struct Config {
     pub cgroup_driver: CgroupDriver,
     pub network: NetworkConfig,
     pub image: ImageConfig,
+    pub streaming: StreamingConfig,
     /// Per-registry settings and mirrors, as `[[registry]]` tables with the
     /// semantics of containers-registries.conf v2.
     #[serde(rename = "registry")]
@@ -67,6 +68,7 @@ impl Default for Config {
             cgroup_driver: CgroupDriver::Cgroupfs,
             network: NetworkConfig::default(),
             image: ImageConfig::default(),
+            streaming: StreamingConfig::default(),
             registries: Vec::new(),
         }
     }
@@ -162,6 +164,39 @@ impl Default for ImageConfig {
             max_concurrent_downloads: 3,
             pull_progress_timeout_secs: 300,
             insecure_loopback: false,
+        }
+    }
+}
+
+/// The HTTP server that Exec, Attach and PortForward URLs point to, as
+/// kubelet's `pkg/cri/streaming` server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamingConfig {
+    /// `host:port` to listen on; port 0 picks a free one at start.
+    pub address: String,
+    /// PEM certificate chain and key: both set serves HTTPS.
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    /// A stream with no traffic for this long is closed (kubelet's
+    /// `--streaming-connection-idle-timeout`, 4 h by default).
+    pub idle_timeout_secs: u64,
+    /// How long a client has to open its streams after the upgrade.
+    pub stream_creation_timeout_secs: u64,
+    /// Exec, attach and port-forward sessions served at once; more are
+    /// answered 429.
+    pub max_concurrent_streams: usize,
+}
+
+impl Default for StreamingConfig {
+    fn default() -> Self {
+        StreamingConfig {
+            address: "127.0.0.1:0".to_string(),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            idle_timeout_secs: 4 * 3600,
+            stream_creation_timeout_secs: 30,
+            max_concurrent_streams: 256,
         }
     }
 }
@@ -307,6 +342,56 @@ impl Config {
         }
     }
 
+    fn validate_streaming(&self, origins: &Origins) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Key {
+            origin: origins.of(key),
+            key: key.to_string(),
+            message,
+        };
+        let s = &self.streaming;
+        if s.address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "streaming.address",
+                format!("{:?} is not an ip:port address", s.address),
+            ));
+        }
+        if s.tls_cert.as_os_str().is_empty() != s.tls_key.as_os_str().is_empty() {
+            return Err(invalid(
+                "streaming.tls_key",
+                "tls_cert and tls_key must be set together".to_string(),
+            ));
+        }
+        for (key, path) in [
+            ("streaming.tls_cert", &s.tls_cert),
+            ("streaming.tls_key", &s.tls_key),
+        ] {
+            if !path.as_os_str().is_empty() && !path.is_absolute() {
+                return Err(invalid(
+                    key,
+                    format!("{} is not an absolute path", path.display()),
+                ));
+            }
+        }
+        for (key, value) in [
+            ("streaming.idle_timeout_secs", s.idle_timeout_secs),
+            (
+                "streaming.stream_creation_timeout_secs",
+                s.stream_creation_timeout_secs,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1".to_string()));
+            }
+        }
+        if s.max_concurrent_streams == 0 {
+            return Err(invalid(
+                "streaming.max_concurrent_streams",
+                "must be at least 1".to_string(),
+            ));
+        }
+        Ok(())
+    }
+
     fn validate(&self, origins: &Origins) -> Result<(), ConfigError> {
         let invalid = |key: &str, message: String| ConfigError::Key {
             origin: origins.of(key),
@@ -369,6 +454,7 @@ impl Config {
                 format!("{} is not an absolute path", self.image.auth_file.display()),
             ));
         }
+        self.validate_streaming(origins)?;
         for (i, registry) in self.registries.iter().enumerate() {
             if registry.prefix.is_empty() && registry.location.is_empty() {
                 return Err(invalid(

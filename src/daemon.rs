@@ -28,6 +28,7 @@ use crate::image::store::{ImageError, ImageStore};
 use crate::network::{Network, NetworkError, Readiness};
 use crate::sandbox::{SandboxError, SandboxManager};
 use crate::store::{Kind, Store, StoreError};
+use crate::streaming::{StreamingError, StreamingServer};
 
 /// How long in-flight calls may run after a shutdown signal. kubelet and
 /// systemd expect a runtime to be gone within 2 s of SIGTERM.
@@ -72,6 +73,8 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Streaming(#[from] StreamingError),
     #[error("image store: {0}")]
     Images(#[from] ImageError),
     #[error("pod network: {0}")]
@@ -96,6 +99,8 @@ pub struct Daemon {
     pub network: Arc<Network>,
     pub sandboxes: Arc<SandboxManager>,
     pub containers: Arc<ContainerManager>,
+    /// Where Exec, Attach and PortForward URLs point.
+    pub streaming: StreamingServer,
     /// The pod CIDRs kubelet gave with `UpdateRuntimeConfig`, if any.
     pod_cidrs: RwLock<Vec<ipnet::IpNet>>,
 }
@@ -148,6 +153,7 @@ impl Daemon {
             Snapshots::new(&config.root, images.layers()),
             cgroups,
         )?;
+        let streaming = StreamingServer::bind(&config.streaming)?;
         Ok(Daemon {
             config,
             store,
@@ -155,6 +161,7 @@ impl Daemon {
             network,
             sandboxes,
             containers,
+            streaming,
             pod_cidrs: RwLock::new(pod_cidrs),
         })
     }
@@ -260,6 +267,12 @@ async fn serve(daemon: Arc<Daemon>, socket: &Path) -> Result<(), DaemonError> {
     // Pods a crash left half-made are undone before anyone can see them.
     daemon.sandboxes.recover().await?;
     daemon.containers.start().await?;
+    daemon
+        .streaming
+        .serve(Arc::new(crate::streaming::runtime::DaemonRuntime::new(
+            daemon.containers.clone(),
+            daemon.sandboxes.clone(),
+        )))?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
 

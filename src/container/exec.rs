@@ -7,7 +7,7 @@
 //! On SIGTERM (the daemon's timeout) the helper kills the process first, so
 //! nothing is left behind.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -76,47 +76,17 @@ pub async fn exec_sync(
     cgroup_procs: &[PathBuf],
     timeout: Duration,
 ) -> Result<ExecOutput, ExecError> {
-    let spec_path = bundle.join("config.json");
-    let spec: Spec = {
-        let bytes = std::fs::read(&spec_path).map_err(|source| ExecError::Io {
-            op: "read",
-            path: spec_path.clone(),
-            source,
-        })?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| ExecError::Spec(format!("{}: {e}", spec_path.display())))?
-    };
-    let process = exec_process(&spec, cmd, false)?;
-    let process_json =
-        serde_json::to_string(&process).map_err(|e| ExecError::Spec(e.to_string()))?;
-    let exe = std::env::current_exe().map_err(|source| ExecError::Io {
-        op: "find own binary",
-        path: PathBuf::from("/proc/self/exe"),
-        source,
-    })?;
-    let mut command = tokio::process::Command::new(exe);
-    command
-        .arg("exec-helper")
-        .arg("--pid")
-        .arg(pid.to_string())
-        .arg("--spec")
-        .arg(&spec_path)
-        .arg("--process")
-        .arg(process_json);
-    for procs in cgroup_procs {
-        command.arg("--cgroup-procs").arg(procs);
-    }
-    let mut child = command
-        .stdin(Stdio::null())
+    let mut child = helper_command(bundle, pid, cmd, cgroup_procs, HelperStdio::Null)?
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .map_err(|source| ExecError::Io {
             op: "run",
             path: PathBuf::from("berth exec-helper"),
             source,
         })?;
+    // A cancelled call (kubelet gave up) ends the exec with it.
+    let mut guard = TerminateOnDrop(child.id());
     let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(ExecError::Helper("exec helper has no output pipes".into()));
     };
@@ -139,10 +109,13 @@ pub async fn exec_sync(
                     let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
                 }
                 let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+                guard.0 = None;
                 return Err(ExecError::Timeout(timeout));
             }
         }
     };
+    // Reaped: its pid is no longer ours to signal.
+    guard.0 = None;
     let status = status.map_err(|source| ExecError::Io {
         op: "wait for",
         path: PathBuf::from("berth exec-helper"),
@@ -179,6 +152,399 @@ pub async fn exec_sync(
 const HELPER_FAILED: i32 = 255;
 const HELPER_PREFIX: &str = "berth exec-helper: ";
 
+/// What the helper's stdin is.
+enum HelperStdio {
+    Null,
+    /// A pipe the exec'd process reads as its stdin.
+    Pipe,
+    /// A unix socket the helper sends the pty master through.
+    PtySocket(OwnedFd),
+}
+
+/// `berth exec-helper` for `cmd` in the container; stdout and stderr are
+/// left to the caller.
+fn helper_command(
+    bundle: &Path,
+    pid: u32,
+    cmd: &[String],
+    cgroup_procs: &[PathBuf],
+    stdin: HelperStdio,
+) -> Result<tokio::process::Command, ExecError> {
+    let spec_path = bundle.join("config.json");
+    let spec: Spec = {
+        let bytes = std::fs::read(&spec_path).map_err(|source| ExecError::Io {
+            op: "read",
+            path: spec_path.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ExecError::Spec(format!("{}: {e}", spec_path.display())))?
+    };
+    let tty = matches!(stdin, HelperStdio::PtySocket(_));
+    let process = exec_process(&spec, cmd, tty)?;
+    let process_json =
+        serde_json::to_string(&process).map_err(|e| ExecError::Spec(e.to_string()))?;
+    let exe = std::env::current_exe().map_err(|source| ExecError::Io {
+        op: "find own binary",
+        path: PathBuf::from("/proc/self/exe"),
+        source,
+    })?;
+    let mut command = tokio::process::Command::new(exe);
+    command
+        .arg("exec-helper")
+        .arg("--pid")
+        .arg(pid.to_string())
+        .arg("--spec")
+        .arg(&spec_path)
+        .arg("--process")
+        .arg(process_json);
+    for procs in cgroup_procs {
+        command.arg("--cgroup-procs").arg(procs);
+    }
+    match stdin {
+        HelperStdio::Null => {
+            command.stdin(Stdio::null());
+        }
+        HelperStdio::Pipe => {
+            command.arg("--stdin").stdin(Stdio::piped());
+        }
+        HelperStdio::PtySocket(socket) => {
+            command.arg("--tty").stdin(Stdio::from(socket));
+        }
+    }
+    // Not kill_on_drop: a SIGKILLed helper leaves the exec'd process
+    // running; callers end it with SIGTERM (`terminate`).
+    Ok(command)
+}
+
+/// An exec with its stdio wired to the caller (the streaming server's
+/// Exec): pipes, or a pty whose master the helper handed back.
+pub struct ExecProcess {
+    child: tokio::process::Child,
+    pub stdin: Option<tokio::process::ChildStdin>,
+    pub stdout: Option<tokio::process::ChildStdout>,
+    pub stderr: Option<tokio::process::ChildStderr>,
+    pub pty: Option<Pty>,
+    /// With a pty the helper's own stderr is only its error, read here.
+    helper_stderr: Option<tokio::task::JoinHandle<Vec<u8>>>,
+}
+
+/// How an [`ExecProcess`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecExit {
+    Exited(i32),
+    /// The helper could not run the command (its message).
+    Failed(String),
+}
+
+/// How long the helper has to hand the pty master back.
+const PTY_HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Starts `cmd` in the container with `stdin` (a pipe) and a `tty` as asked.
+pub async fn exec_interactive(
+    bundle: &Path,
+    pid: u32,
+    cmd: &[String],
+    cgroup_procs: &[PathBuf],
+    stdin: bool,
+    tty: bool,
+) -> Result<ExecProcess, ExecError> {
+    let io = |op: &'static str| {
+        move |source| ExecError::Io {
+            op,
+            path: PathBuf::from("berth exec-helper"),
+            source,
+        }
+    };
+    if !tty {
+        let helper_stdin = if stdin {
+            HelperStdio::Pipe
+        } else {
+            HelperStdio::Null
+        };
+        let mut child = helper_command(bundle, pid, cmd, cgroup_procs, helper_stdin)?
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io("run"))?;
+        return Ok(ExecProcess {
+            stdin: child.stdin.take(),
+            stdout: child.stdout.take(),
+            stderr: child.stderr.take(),
+            pty: None,
+            helper_stderr: None,
+            child,
+        });
+    }
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(io("socketpair for"))?;
+    let mut child = helper_command(
+        bundle,
+        pid,
+        cmd,
+        cgroup_procs,
+        HelperStdio::PtySocket(theirs.into()),
+    )?
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .map_err(io("run"))?;
+    let helper_stderr = child.stderr.take().map(|mut stderr| {
+        tokio::spawn(async move {
+            let mut kept = Vec::new();
+            let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut kept).await;
+            kept
+        })
+    });
+    ours.set_nonblocking(true).map_err(io("set up socket to"))?;
+    let socket = tokio::net::UnixStream::from_std(ours).map_err(io("set up socket to"))?;
+    let master = tokio::time::timeout(PTY_HANDOVER_TIMEOUT, receive_fd(&socket))
+        .await
+        .map_err(|_| ExecError::Helper("the exec helper did not hand over its terminal".into()))?
+        .map_err(io("receive the terminal from"))?;
+    let mut process = ExecProcess {
+        child,
+        stdin: None,
+        stdout: None,
+        stderr: None,
+        pty: None,
+        helper_stderr,
+    };
+    match master {
+        Some(master) => {
+            process.pty = Some(Pty::new(master).map_err(io("watch the terminal of"))?);
+            Ok(process)
+        }
+        // The helper failed before it had a terminal: its message says why.
+        None => match process.wait().await? {
+            ExecExit::Failed(message) => Err(ExecError::Helper(message)),
+            ExecExit::Exited(code) => Err(ExecError::Helper(format!(
+                "the exec helper exited with {code} without a terminal"
+            ))),
+        },
+    }
+}
+
+impl ExecProcess {
+    /// The helper's pid while it runs, for [`terminate`].
+    pub fn helper_pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Waits for the helper; its exit code is the process's.
+    pub async fn wait_code(&mut self) -> Result<i32, ExecError> {
+        let status = self.child.wait().await.map_err(|source| ExecError::Io {
+            op: "wait for",
+            path: PathBuf::from("berth exec-helper"),
+            source,
+        })?;
+        Ok(status.code().unwrap_or(HELPER_FAILED))
+    }
+
+    /// How the exec ended, given the helper's `code` and the end of what
+    /// the caller read from [`Self::stderr`] (where the helper says why it
+    /// could not run the command).
+    pub async fn finish(&mut self, code: i32, stderr_tail: &[u8]) -> ExecExit {
+        if code != HELPER_FAILED {
+            return ExecExit::Exited(code);
+        }
+        let own = match self.helper_stderr.take() {
+            Some(task) => task.await.unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let message = [own.as_slice(), stderr_tail].into_iter().find_map(|bytes| {
+            String::from_utf8_lossy(bytes)
+                .lines()
+                .rev()
+                .find_map(|l| l.strip_prefix(HELPER_PREFIX).map(str::to_string))
+        });
+        message.map_or(ExecExit::Exited(code), ExecExit::Failed)
+    }
+
+    pub async fn wait(&mut self) -> Result<ExecExit, ExecError> {
+        let code = self.wait_code().await?;
+        Ok(self.finish(code, &[]).await)
+    }
+}
+
+impl Drop for ExecProcess {
+    /// An exec abandoned by its caller (the client left) must not outlive
+    /// it: the helper kills the process when told to end.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            terminate(self.child.id());
+        }
+    }
+}
+
+/// Terminates the helper when dropped, unless its pid was taken back.
+struct TerminateOnDrop(Option<u32>);
+
+impl Drop for TerminateOnDrop {
+    fn drop(&mut self) {
+        terminate(self.0);
+    }
+}
+
+/// Ends an exec: its helper kills the process, then exits.
+pub fn terminate(helper_pid: Option<u32>) {
+    if let Some(pid) = helper_pid.and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+    }
+}
+
+/// Receives one fd sent with SCM_RIGHTS; None when the peer closed first.
+async fn receive_fd(socket: &tokio::net::UnixStream) -> std::io::Result<Option<OwnedFd>> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+    loop {
+        socket.readable().await?;
+        let received = socket.try_io(tokio::io::Interest::READABLE, || {
+            let mut byte = [0u8; 1];
+            let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut control = RecvAncillaryBuffer::new(&mut space);
+            let msg = recvmsg(
+                socket,
+                &mut [std::io::IoSliceMut::new(&mut byte)],
+                &mut control,
+                RecvFlags::CMSG_CLOEXEC,
+            )
+            .map_err(std::io::Error::from)?;
+            let mut fd = None;
+            for message in control.drain() {
+                if let RecvAncillaryMessage::ScmRights(fds) = message {
+                    fd = fds.last();
+                }
+            }
+            Ok((msg.bytes, fd))
+        });
+        match received {
+            Ok((_, Some(fd))) => return Ok(Some(fd)),
+            Ok((0, None)) => return Ok(None),
+            Ok((_, None)) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sends `fd` over the helper's stdin socket (the `--tty` handover).
+fn send_fd(socket: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
+    let fds = [fd];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(std::io::Error::other("control buffer too small"));
+    }
+    sendmsg(
+        socket,
+        &[std::io::IoSlice::new(b"t")],
+        &mut control,
+        SendFlags::empty(),
+    )
+    .map(drop)
+    .map_err(std::io::Error::from)
+}
+
+/// A pty master for tokio: reads and writes the exec'd process's terminal.
+/// The process is gone (every slave closed) when a read fails with EIO,
+/// which reads as EOF here.
+#[derive(Clone)]
+pub struct Pty {
+    fd: std::sync::Arc<tokio::io::unix::AsyncFd<OwnedFd>>,
+}
+
+impl Pty {
+    fn new(master: OwnedFd) -> std::io::Result<Pty> {
+        rustix::io::ioctl_fionbio(&master, true).map_err(std::io::Error::from)?;
+        #[allow(unsafe_code)]
+        // SAFETY: the AsyncFd owns `master`, so the fd stays open and is
+        // the same file for as long as it is registered.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register(master) }?;
+        Ok(Pty {
+            fd: std::sync::Arc::new(fd),
+        })
+    }
+
+    /// Sets the window size (TIOCSWINSZ); the process gets SIGWINCH.
+    pub fn resize(&self, width: u16, height: u16) -> std::io::Result<()> {
+        let size = rustix::termios::Winsize {
+            ws_row: height,
+            ws_col: width,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        rustix::termios::tcsetwinsize(self.fd.get_ref(), size).map_err(std::io::Error::from)
+    }
+}
+
+impl tokio::io::AsyncRead for Pty {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        loop {
+            let mut guard = match self.fd.poll_read_ready(cx) {
+                Poll::Ready(Ok(guard)) => guard,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            };
+            let unfilled = buf.initialize_unfilled();
+            match guard.try_io(|fd| {
+                rustix::io::read(fd.get_ref(), &mut *unfilled).map_err(std::io::Error::from)
+            }) {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => {
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Pty {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::task::Poll;
+        loop {
+            let mut guard = match self.fd.poll_write_ready(cx) {
+                Poll::Ready(Ok(guard)) => guard,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            };
+            match guard
+                .try_io(|fd| rustix::io::write(fd.get_ref(), data).map_err(std::io::Error::from))
+            {
+                Ok(result) => return Poll::Ready(result),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 /// Reads a stream to its end, keeping the first [`MAX_OUTPUT`] bytes.
 async fn read_capped(reader: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<Vec<u8>> {
     let mut kept = Vec::new();
@@ -200,8 +566,9 @@ pub fn helper_main(
     spec_path: &Path,
     process_json: &str,
     cgroup_procs: &[PathBuf],
+    stdin: HelperInput,
 ) -> i32 {
-    match helper(pid, spec_path, process_json, cgroup_procs) {
+    match helper(pid, spec_path, process_json, cgroup_procs, stdin) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("{HELPER_PREFIX}{e}");
@@ -210,11 +577,23 @@ pub fn helper_main(
     }
 }
 
+/// What the helper's own stdin is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HelperInput {
+    /// Nothing: the process gets `/dev/null`.
+    None,
+    /// The process's stdin.
+    Stdin,
+    /// A unix socket: the process gets a pty, whose master goes back here.
+    PtySocket,
+}
+
 fn helper(
     pid: i32,
     spec_path: &Path,
     process_json: &str,
     cgroup_procs: &[PathBuf],
+    input: HelperInput,
 ) -> Result<i32, ExecError> {
     let bytes = std::fs::read(spec_path).map_err(|source| ExecError::Io {
         op: "read",
@@ -248,16 +627,39 @@ fn helper(
         .as_fd()
         .try_clone_to_owned()
         .map_err(io_err("stderr"))?;
-    let stdio = executor::Stdio::Pipes {
-        stdin: None,
-        stdout,
-        stderr,
+    let stdin = match input {
+        HelperInput::Stdin => Some(
+            std::io::stdin()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(io_err("stdin"))?,
+        ),
+        HelperInput::None | HelperInput::PtySocket => None,
+    };
+    let stdio = if input == HelperInput::PtySocket {
+        executor::Stdio::Terminal
+    } else {
+        executor::Stdio::Pipes {
+            stdin,
+            stdout,
+            stderr,
+        }
     };
     let target = JoinTarget {
         pid: Pid::from_raw(pid),
         spec: &spec,
     };
     let spawned = executor::exec(&target, &process, stdio, cgroup_procs)?;
+    if let Some(master) = &spawned.pty_master {
+        send_fd(std::io::stdin().as_fd(), master.as_fd()).map_err(|source| ExecError::Io {
+            op: "hand over the terminal to",
+            path: PathBuf::from("the daemon"),
+            source,
+        })?;
+    }
+    // The daemon holds the master now; this copy would keep the terminal
+    // open after the process exits.
+    drop(spawned.pty_master);
     loop {
         match signals
             .wait()

@@ -173,6 +173,12 @@ pub struct ContainerManager {
     events: crate::events::Events,
 }
 
+struct ExecTarget {
+    bundle: PathBuf,
+    pid: u32,
+    cgroup_procs: Vec<PathBuf>,
+}
+
 /// A container's resource usage at one moment.
 #[derive(Debug, Clone, Default)]
 pub struct ContainerUsage {
@@ -801,22 +807,81 @@ impl ContainerManager {
         cmd: &[String],
         timeout: Duration,
     ) -> Result<exec::ExecOutput, ContainerError> {
-        let container = self.get(id).await?;
-        if container.state != ContainerState::Running {
-            return Err(ContainerError::WrongState {
-                id: container.id,
-                state: container.state.name(),
-                action: "exec",
-                needed: "running",
-            });
-        }
-        let procs = match (&self.cgroups, &container.cgroup_path) {
+        let target = self.exec_target(id).await?;
+        Ok(exec::exec_sync(
+            &target.bundle,
+            target.pid,
+            cmd,
+            &target.cgroup_procs,
+            timeout,
+        )
+        .await?)
+    }
+
+    /// Starts `cmd` in the running container with its stdio wired to the
+    /// caller (the streaming server's Exec).
+    pub async fn exec_interactive(
+        &self,
+        id: &str,
+        cmd: &[String],
+        stdin: bool,
+        tty: bool,
+    ) -> Result<exec::ExecProcess, ContainerError> {
+        let target = self.exec_target(id).await?;
+        Ok(exec::exec_interactive(
+            &target.bundle,
+            target.pid,
+            cmd,
+            &target.cgroup_procs,
+            stdin,
+            tty,
+        )
+        .await?)
+    }
+
+    /// What an exec joins: the running container's init and cgroup.
+    async fn exec_target(&self, id: &str) -> Result<ExecTarget, ContainerError> {
+        let container = self.running(id, "exec").await?;
+        let cgroup_procs = match (&self.cgroups, &container.cgroup_path) {
             (Some(cgroups), Some(path)) => cgroups
                 .open(&crate::executor::cgroups::CgroupPath::parse(path)?)
                 .procs_files(),
             _ => Vec::new(),
         };
-        Ok(exec::exec_sync(&container.bundle, container.pid, cmd, &procs, timeout).await?)
+        Ok(ExecTarget {
+            bundle: container.bundle,
+            pid: container.pid,
+            cgroup_procs,
+        })
+    }
+
+    /// The running container `id` (prefix allowed), or why `action` cannot
+    /// be done to it.
+    pub async fn running(
+        &self,
+        id: &str,
+        action: &'static str,
+    ) -> Result<ContainerRecord, ContainerError> {
+        let container = self.get(id).await?;
+        if container.state != ContainerState::Running {
+            return Err(ContainerError::WrongState {
+                id: container.id,
+                state: container.state.name(),
+                action,
+                needed: "running",
+            });
+        }
+        Ok(container)
+    }
+
+    /// The monitor client of the running container `id` for an attach,
+    /// with whether it has a tty.
+    pub async fn attach_target(&self, id: &str) -> Result<(MonitorClient, bool), ContainerError> {
+        let container = self.running(id, "attach").await?;
+        Ok((
+            MonitorClient::new(container.control_socket(&self.state_dir)),
+            container.config.tty,
+        ))
     }
 
     /// UpdateContainerResources: applied to the live cgroup, then kept in
@@ -893,15 +958,7 @@ impl ContainerManager {
 
     /// ReopenContainerLog: the monitor reopens the log file kubelet rotated.
     pub async fn reopen_log(&self, id: &str) -> Result<(), ContainerError> {
-        let container = self.get(id).await?;
-        if container.state != ContainerState::Running {
-            return Err(ContainerError::WrongState {
-                id: container.id,
-                state: container.state.name(),
-                action: "reopening the log",
-                needed: "running",
-            });
-        }
+        let container = self.running(id, "reopening the log").await?;
         MonitorClient::new(container.control_socket(&self.state_dir))
             .reopen_log()
             .await?;

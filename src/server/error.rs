@@ -13,6 +13,7 @@ use crate::image::pull::PullError;
 use crate::image::store::ImageError;
 use crate::sandbox::SandboxError;
 use crate::store::StoreError;
+use crate::streaming::TokenError;
 
 /// An RPC whose capability is not built yet. CRI clients treat
 /// `Unimplemented` as "this runtime cannot do that", which is the truth;
@@ -113,6 +114,16 @@ impl From<ContainerError> for Status {
             | ContainerError::Store(_)
             | ContainerError::Io { .. }
             | ContainerError::Task(_) => Status::internal(message),
+        }
+    }
+}
+
+impl From<TokenError> for Status {
+    fn from(e: TokenError) -> Self {
+        let message = e.to_string();
+        match e {
+            TokenError::TooManyInFlight => Status::resource_exhausted(message),
+            TokenError::Random(_) => Status::internal(message),
         }
     }
 }

@@ -7,6 +7,7 @@ mod image;
 mod runtime;
 mod sandbox;
 mod stats;
+mod streaming;
 
 use std::sync::Arc;
 

@@ -12,7 +12,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::error::{invalid, not_built};
-use super::{container, sandbox, stats};
+use super::{container, sandbox, stats, streaming};
 use crate::config::CgroupDriver as ConfigCgroupDriver;
 use crate::daemon::Daemon;
 use crate::network::Readiness;
@@ -23,7 +23,6 @@ const RUNTIME_NAME: &str = "berth";
 const RUNTIME_API_VERSION: &str = "v1";
 
 const STATS: &str = "container and pod statistics";
-const STREAMING: &str = "the streaming server (exec, attach, port-forward)";
 
 pub struct Runtime {
     daemon: Arc<Daemon>,
@@ -82,6 +81,10 @@ impl RuntimeService for Runtime {
                 "podCIDRs".to_string(),
                 serde_json::to_string(&cidrs)
                     .map_err(|e| Status::internal(format!("render pod CIDRs: {e}")))?,
+            );
+            info.insert(
+                "streamingURL".to_string(),
+                self.daemon.streaming.base_url().to_string(),
             );
         }
         Ok(Response::new(StatusResponse {
@@ -333,22 +336,25 @@ impl RuntimeService for Runtime {
         }))
     }
 
-    async fn exec(&self, _request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
-        Err(not_built("Exec", STREAMING))
+    async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
+        let response = streaming::exec(&self.daemon, request.into_inner()).await?;
+        Ok(Response::new(response))
     }
 
     async fn attach(
         &self,
-        _request: Request<AttachRequest>,
+        request: Request<AttachRequest>,
     ) -> Result<Response<AttachResponse>, Status> {
-        Err(not_built("Attach", STREAMING))
+        let response = streaming::attach(&self.daemon, request.into_inner()).await?;
+        Ok(Response::new(response))
     }
 
     async fn port_forward(
         &self,
-        _request: Request<PortForwardRequest>,
+        request: Request<PortForwardRequest>,
     ) -> Result<Response<PortForwardResponse>, Status> {
-        Err(not_built("PortForward", STREAMING))
+        let response = streaming::port_forward(&self.daemon, request.into_inner()).await?;
+        Ok(Response::new(response))
     }
 
     async fn container_stats(
