@@ -424,6 +424,18 @@ async fn cni_bridge_pods_talk_and_host_port_on_loopback_then_detach_leaves_nothi
         .join(format!("net-{bridge}-{}-eth0", a.pod_id));
     assert!(cache.exists(), "no cache file {}", cache.display());
 
+    // lo is up in the pod although the conflist has no loopback plugin:
+    // port-forward and the pod's own containers dial localhost.
+    let local = echo_server(&a_ns.path, 8079, 1);
+    let reply = in_netns(&a_ns.path, || {
+        echo(SocketAddr::from(([127, 0, 0, 1], 8079)), "over lo")
+    })
+    .join()
+    .expect("lo client thread")
+    .expect("the pod reaches its own localhost");
+    assert_eq!(reply, "over lo");
+    local.join().expect("lo server");
+
     let server = echo_server(&a_ns.path, 8080, 2);
     let target = SocketAddr::new(a_ip, 8080);
     let reply = in_netns(&b_ns.path, move || echo(target, "from b"))

@@ -309,7 +309,11 @@ impl Builtin {
     }
 }
 
-async fn configure_pod(h: &Handle, addresses: &[IpNet]) -> Result<(), NetworkError> {
+/// Brings `lo` up in the namespace `h` talks to: a new network namespace
+/// has it down, and a pod needs localhost (port-forward dials it, and so do
+/// the pod's own containers). containerd and CRI-O do the same for every
+/// pod, whatever the CNI configuration says.
+pub(super) async fn loopback_up(h: &Handle) -> Result<(), NetworkError> {
     let lo = link_index(h, "lo")
         .await?
         .ok_or_else(|| NetworkError::Builtin("the pod's namespace has no lo".to_string()))?;
@@ -317,7 +321,11 @@ async fn configure_pod(h: &Handle, addresses: &[IpNet]) -> Result<(), NetworkErr
         .set(LinkUnspec::new_with_index(lo).up().build())
         .execute()
         .await
-        .map_err(netlink("set lo up in the pod".to_string()))?;
+        .map_err(netlink("set lo up in the pod".to_string()))
+}
+
+async fn configure_pod(h: &Handle, addresses: &[IpNet]) -> Result<(), NetworkError> {
+    loopback_up(h).await?;
     let eth0 = link_index(h, POD_INTERFACE).await?.ok_or_else(|| {
         NetworkError::Builtin(format!(
             "{POD_INTERFACE} did not arrive in the pod's namespace"

@@ -258,6 +258,10 @@ impl Network {
         check_request(req)?;
         match self.current_cni_network()? {
             Some(list) => {
+                netns::netlink_in(&req.netns, "bring up lo", |h| async move {
+                    builtin::loopback_up(&h).await
+                })
+                .await?;
                 let capabilities = cni::CapabilityArgs::new(req, &self.pod_cidrs());
                 self.cni.add(&list, req, &capabilities).await
             }
