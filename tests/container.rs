@@ -1402,3 +1402,127 @@ async fn containers_outlive_a_daemon_killed_with_sigkill_and_exits_are_recorded_
 
     rig.finish().await;
 }
+
+/// Unmounts (detached) what a test mounted on the host, also on failure.
+struct HostMounts(Vec<PathBuf>);
+
+impl Drop for HostMounts {
+    fn drop(&mut self) {
+        for path in self.0.iter().rev() {
+            let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+#[tokio::test]
+async fn mount_propagation_private_host_to_container_and_bidirectional() {
+    use nix::mount::{MsFlags, mount};
+    let Some(mut rig) = Rig::start().await else {
+        return;
+    };
+    let busybox = rig.pull("busybox").await;
+    let mut config = rig.pod_config("propagation");
+    config
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .expect("security context")
+        .privileged = true;
+    let pod = rig.run_pod(config).await;
+    let mut host_mounts = HostMounts(Vec::new());
+    for (n, propagation) in [
+        MountPropagation::PropagationPrivate,
+        MountPropagation::PropagationHostToContainer,
+        MountPropagation::PropagationBidirectional,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // As critest: an rshared (or rprivate) bind of a host directory.
+        let base = rig.base().join(format!("propagation{n}"));
+        let shared = base.join("mnt");
+        let from_host = shared.join("from-host");
+        let source = base.join("source");
+        std::fs::create_dir_all(&from_host).expect("mkdir");
+        std::fs::create_dir_all(&source).expect("mkdir");
+        std::fs::write(source.join("flag"), "").expect("flag file");
+        mount(
+            Some(&shared),
+            &shared,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .expect("bind the shared dir");
+        host_mounts.0.push(shared.clone());
+        let kind = if propagation == MountPropagation::PropagationPrivate {
+            MsFlags::MS_PRIVATE
+        } else {
+            MsFlags::MS_SHARED
+        };
+        mount(
+            None::<&str>,
+            &shared,
+            None::<&str>,
+            kind | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .expect("set propagation");
+        let mut ctr = with_security(
+            container(&format!("prop{n}"), &busybox, SLEEPER),
+            LinuxContainerSecurityContext {
+                privileged: true,
+                ..LinuxContainerSecurityContext::default()
+            },
+        );
+        let path = shared.display().to_string();
+        ctr.mounts = vec![Mount {
+            host_path: path.clone(),
+            container_path: path.clone(),
+            propagation: propagation as i32,
+            ..Mount::default()
+        }];
+        let id = rig.run(&pod, ctr).await;
+
+        // Host → container.
+        mount(
+            Some(&source),
+            &from_host,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .expect("mount on the host");
+        host_mounts.0.push(from_host.clone());
+        let seen = rig
+            .exec(&id, &["ls", "-A", &from_host.display().to_string()])
+            .await
+            .1;
+        match propagation {
+            MountPropagation::PropagationPrivate => assert_eq!(seen, "", "{propagation:?}"),
+            _ => assert_eq!(seen, "flag\n", "{propagation:?}"),
+        }
+
+        // Container → host.
+        let from_container = shared.join("from-container");
+        let script = format!(
+            "mkdir -p {0} && mount --bind /etc {0}",
+            from_container.display()
+        );
+        assert_eq!(rig.exec(&id, &["sh", "-c", &script]).await.0, 0);
+        host_mounts.0.push(from_container.clone());
+        let on_host = std::fs::read_dir(&from_container)
+            .map(|d| d.count())
+            .unwrap_or(0);
+        match propagation {
+            MountPropagation::PropagationBidirectional => {
+                assert!(on_host > 0, "{propagation:?}: the host sees the mount")
+            }
+            _ => assert_eq!(on_host, 0, "{propagation:?}: the host must not see it"),
+        }
+        rig.stop(&id, 0).await;
+        rig.remove(&id).await;
+    }
+    drop(host_mounts);
+    rig.finish().await;
+}

@@ -275,10 +275,23 @@ pub fn prepare(plan: &RootfsPlan) -> Result<(), RootfsError> {
             errno,
         }
     };
+    // The old root, held open so that it can be named after pivot_root.
+    let old_root: OwnedFd = rustix::fs::open(
+        "/",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| pivot_err("open the old root")(Errno::from_raw(e.raw_os_error())))?;
     chdir(rootfs).map_err(pivot_err("chdir"))?;
     pivot_root(".", ".").map_err(pivot_err("pivot_root"))?;
-    // The old root is now stacked on "."; keep its unmount from
-    // propagating anywhere, then detach it.
+    // The old root is now stacked on the new one. "." still names the new
+    // root's mount, so step into the old root itself (as runc does): making
+    // "." a recursive slave would otherwise also turn every mount of the
+    // container into a slave, and a bidirectional mount would no longer
+    // propagate back to the host.
+    nix::unistd::fchdir(&old_root).map_err(pivot_err("fchdir to the old root"))?;
+    drop(old_root);
+    // Keep the old root's unmount from propagating anywhere, then detach it.
     mount(
         None::<&str>,
         ".",
