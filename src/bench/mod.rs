@@ -13,6 +13,7 @@
 mod churn;
 mod client;
 mod density;
+mod exec;
 mod lifecycle;
 mod pods;
 mod procfs;
@@ -60,6 +61,8 @@ pub enum Scenario {
     Density,
     /// --clients concurrent clients creating and deleting pods.
     Churn,
+    /// ExecSync `true` into one running container, --iterations times.
+    Exec,
 }
 
 impl Scenario {
@@ -69,6 +72,7 @@ impl Scenario {
             Scenario::Pull => "pull",
             Scenario::Density => "density",
             Scenario::Churn => "churn",
+            Scenario::Exec => "exec",
         }
     }
 
@@ -78,6 +82,7 @@ impl Scenario {
             Scenario::Pull => 3,
             Scenario::Density => 20,
             Scenario::Churn => 5,
+            Scenario::Exec => 200,
         }
     }
 
@@ -99,7 +104,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum)]
     pub scenario: Scenario,
     /// Timed iterations [default: lifecycle 20, pull 3, density 20 list
-    /// calls, churn 5 rounds].
+    /// calls, churn 5 rounds, exec 200 calls].
     #[arg(long, value_name = "N")]
     pub iterations: Option<u32>,
     /// The image to pull (pull) or to run `sleep` and `true` from (the
@@ -286,6 +291,7 @@ async fn scenario(targets: &mut [Target], ctx: &Ctx, scenario: Scenario) {
         Scenario::Pull => pull::run(targets, ctx).await,
         Scenario::Density => density::run(targets, ctx).await,
         Scenario::Churn => churn::run(targets, ctx).await,
+        Scenario::Exec => exec::run(targets, ctx).await,
     }
 }
 
@@ -378,6 +384,7 @@ mod tests {
             Scenario::Pull,
             Scenario::Density,
             Scenario::Churn,
+            Scenario::Exec,
         ] {
             assert!(s.default_iterations() > 0, "{}", s.name());
         }
