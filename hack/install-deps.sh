@@ -24,6 +24,7 @@ PACKAGES=(
     curl                        # registry.sh readiness checks
     python3                     # build-test-images.py, free port selection
     ca-certificates
+    openssl                     # a throwaway TLS key pair for the streaming server's TLS test
     procps                      # ps, for process checks in tests
     util-linux                  # nsenter, unshare, mount, setsid
     shellcheck                  # lint for hack/*.sh

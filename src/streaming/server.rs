@@ -499,6 +499,199 @@ fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, St
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::streaming::{Outcome, RemoteIo, Stdio};
+    use futures_util::future::BoxFuture;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Exec never ends; attach and dial are not used here.
+    struct Stuck;
+
+    impl Runtime for Stuck {
+        fn exec(&self, _: String, _: Vec<String>, _: RemoteIo) -> BoxFuture<'static, Outcome> {
+            Box::pin(std::future::pending())
+        }
+        fn attach(&self, _: String, _: RemoteIo) -> BoxFuture<'static, Outcome> {
+            Box::pin(std::future::pending())
+        }
+        fn dial(
+            &self,
+            _: String,
+            _: u16,
+        ) -> BoxFuture<'static, Result<tokio::net::TcpStream, String>> {
+            Box::pin(async { Err("no pods here".to_string()) })
+        }
+    }
+
+    fn exec_request() -> Pending {
+        Pending::Exec {
+            container_id: "c".into(),
+            cmd: vec!["true".into()],
+            stdio: Stdio {
+                stdout: true,
+                ..Stdio::default()
+            },
+        }
+    }
+
+    /// Sends a WebSocket upgrade for `url` on a plain connection; the
+    /// status line of the answer and the connection (open on success).
+    async fn upgrade(url: &str) -> (String, tokio::net::TcpStream) {
+        let rest = url.strip_prefix("http://").expect("http url");
+        let (host, path) = rest.split_once('/').expect("path");
+        let mut tcp = tokio::net::TcpStream::connect(host).await.expect("connect");
+        let request = format!(
+            "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: v5.channel.k8s.io\r\n\r\n"
+        );
+        tcp.write_all(request.as_bytes()).await.expect("send");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n") {
+            if tcp.read(&mut byte).await.expect("read") == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+        (String::from_utf8_lossy(&head).trim().to_string(), tcp)
+    }
+
+    #[tokio::test]
+    async fn sessions_beyond_the_limit_are_refused_with_429_until_one_ends() {
+        let config = StreamingConfig {
+            max_concurrent_streams: 1,
+            ..StreamingConfig::default()
+        };
+        let server = StreamingServer::bind(&config).expect("bind");
+        server.serve(Arc::new(Stuck)).expect("serve");
+        let (first, held) = upgrade(&server.url_for(exec_request()).expect("url")).await;
+        assert!(first.starts_with("HTTP/1.1 101"), "{first}");
+        // The upgraded session holds the only slot until its client leaves.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (second, _) = upgrade(&server.url_for(exec_request()).expect("url")).await;
+        assert!(second.starts_with("HTTP/1.1 429"), "{second}");
+        drop(held);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (again, _conn) = upgrade(&server.url_for(exec_request()).expect("url")).await;
+            if again.starts_with("HTTP/1.1 101") {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the slot never came back: {again}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn tls_config_serves_https_urls_over_tls() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let (ca, cert, key) = (d.join("ca.pem"), d.join("cert.pem"), d.join("key.pem"));
+        std::fs::write(
+            d.join("ext"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("extensions file");
+        // A throwaway CA, and a server certificate for 127.0.0.1 it signs.
+        let steps: [&[&str]; 3] = [
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=berth-test-ca",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+            ],
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "leaf.csr",
+            ],
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "leaf.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                "ext",
+                "-out",
+                "cert.pem",
+            ],
+        ];
+        for args in steps {
+            let made = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+            if !made.is_ok_and(|s| s.success()) {
+                eprintln!(
+                    "skipping: openssl could not make a key pair (hack/install-deps.sh installs it)"
+                );
+                return;
+            }
+        }
+        let config = StreamingConfig {
+            tls_cert: cert.clone(),
+            tls_key: key,
+            ..StreamingConfig::default()
+        };
+        let server = StreamingServer::bind(&config).expect("bind with TLS");
+        server.serve(Arc::new(Stuck)).expect("serve");
+        let url = server.url_for(exec_request()).expect("url");
+        assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pki_types::CertificateDer::pem_file_iter(&ca).expect("read CA") {
+            roots.add(c.expect("cert")).expect("trust the test cert");
+        }
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocols")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(server.address())
+            .await
+            .expect("connect");
+        let name =
+            rustls_pki_types::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client))
+            .connect(name, tcp)
+            .await
+            .expect("TLS handshake against the configured certificate");
+        tls.write_all(b"GET /exec/AAAAAAAA HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("send");
+        let mut answer = String::new();
+        let _ = tls.read_to_string(&mut answer).await;
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
