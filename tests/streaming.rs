@@ -200,7 +200,9 @@ impl Spdy {
             request.push_str(&format!("X-Stream-Protocol-Version: {p}\r\n"));
         }
         request.push_str("\r\n");
-        tcp.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+        tcp.write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
@@ -287,10 +289,7 @@ impl Spdy {
 
     /// Reads until the server ends the session (GOAWAY or close) or
     /// `until` says enough.
-    async fn collect_until(
-        &mut self,
-        mut until: impl FnMut(&SpdyOutput) -> bool,
-    ) -> SpdyOutput {
+    async fn collect_until(&mut self, mut until: impl FnMut(&SpdyOutput) -> bool) -> SpdyOutput {
         let mut out = SpdyOutput::default();
         within("the SPDY session", SESSION_LIMIT, async {
             while !until(&out) {
@@ -304,7 +303,10 @@ impl Spdy {
                         data,
                     } => {
                         let name = self.names.get(&stream_id).cloned().unwrap_or_default();
-                        out.data.entry(name.clone()).or_default().extend_from_slice(&data);
+                        out.data
+                            .entry(name.clone())
+                            .or_default()
+                            .extend_from_slice(&data);
                         if fin {
                             out.finished.push(name);
                         }
@@ -952,10 +954,15 @@ async fn spdy_exec_speaks_every_protocol_version() {
     }
     // No common protocol: 403 naming the server's.
     let url = exec_url(&rig, &id, &["true"], false, true, false, false).await;
-    let refused = Spdy::open(&url, &["v9.channel.k8s.io"]).await.err().expect("refused");
+    let refused = Spdy::open(&url, &["v9.channel.k8s.io"])
+        .await
+        .err()
+        .expect("refused");
     assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
     assert!(
-        refused.to_ascii_lowercase().contains("x-accepted-stream-protocol-versions: v4.channel.k8s.io"),
+        refused
+            .to_ascii_lowercase()
+            .contains("x-accepted-stream-protocol-versions: v4.channel.k8s.io"),
         "{refused}"
     );
     rig.finish().await;
@@ -977,12 +984,15 @@ async fn spdy_exec_with_stdin_and_a_tty_resizes_and_reports_the_exit_code() {
         true,
     )
     .await;
-    let (mut spdy, _) = Spdy::open(&url, &["v4.channel.k8s.io"]).await.expect("upgrade");
+    let (mut spdy, _) = Spdy::open(&url, &["v4.channel.k8s.io"])
+        .await
+        .expect("upgrade");
     spdy.create("error", &[("streamtype", "error")]).await;
     let stdin = spdy.create("stdin", &[("streamtype", "stdin")]).await;
     spdy.create("stdout", &[("streamtype", "stdout")]).await;
     let resize = spdy.create("resize", &[("streamtype", "resize")]).await;
-    spdy.data(resize, br#"{"Width":100,"Height":40}"#, false).await;
+    spdy.data(resize, br#"{"Width":100,"Height":40}"#, false)
+        .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     spdy.data(stdin, b"typed\n", false).await;
     let got = spdy.collect().await;
@@ -1012,7 +1022,9 @@ async fn spdy_attach_streams_output_and_stdin() {
     config.stdin_once = true;
     let id = rig.run(&pod, config).await;
     let url = attach_url(&rig, &id, true, true, false).await;
-    let (mut spdy, _) = Spdy::open(&url, &["v4.channel.k8s.io"]).await.expect("upgrade");
+    let (mut spdy, _) = Spdy::open(&url, &["v4.channel.k8s.io"])
+        .await
+        .expect("upgrade");
     spdy.create("error", &[("streamtype", "error")]).await;
     let stdin = spdy.create("stdin", &[("streamtype", "stdin")]).await;
     spdy.create("stdout", &[("streamtype", "stdout")]).await;
@@ -1065,40 +1077,60 @@ async fn spdy_port_forward_pairs_streams_by_request_id() {
     }
     let id = rig.run(&pod, config).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while rig.exec(&id, &["sh", "-c", "netstat -ltn | grep -q :8081"]).await.0 != 0 {
+    while rig
+        .exec(&id, &["sh", "-c", "netstat -ltn | grep -q :8081"])
+        .await
+        .0
+        != 0
+    {
         assert!(std::time::Instant::now() < deadline, "httpd never listened");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let url = port_forward_url(&rig, &pod, &[]).await;
-    let (mut spdy, protocol) = Spdy::open(&url, &["portforward.k8s.io"]).await.expect("upgrade");
+    let (mut spdy, protocol) = Spdy::open(&url, &["portforward.k8s.io"])
+        .await
+        .expect("upgrade");
     assert_eq!(protocol, "portforward.k8s.io");
     // Two connections on one session, as kubectl makes them.
     for request in ["0", "1"] {
         spdy.create(
             &format!("error{request}"),
-            &[("streamtype", "error"), ("port", "8081"), ("requestid", request)],
+            &[
+                ("streamtype", "error"),
+                ("port", "8081"),
+                ("requestid", request),
+            ],
         )
         .await;
         let data = spdy
             .create(
                 &format!("data{request}"),
-                &[("streamtype", "data"), ("port", "8081"), ("requestid", request)],
+                &[
+                    ("streamtype", "data"),
+                    ("port", "8081"),
+                    ("requestid", request),
+                ],
             )
             .await;
-        spdy.data(data, b"GET /index.html HTTP/1.0\r\n\r\n", false).await;
-        let name = format!("data{request}");
-        let got = spdy
-            .collect_until(|o| o.finished.contains(&name))
+        spdy.data(data, b"GET /index.html HTTP/1.0\r\n\r\n", false)
             .await;
+        let name = format!("data{request}");
+        let got = spdy.collect_until(|o| o.finished.contains(&name)).await;
         let response = got.text(&name);
         assert!(response.starts_with("HTTP/1.1 200 OK"), "{response:?}");
         assert!(response.contains("spdy-forwarded"), "{response:?}");
     }
     // A port nothing listens on: the error stream says so.
-    spdy.create("error2", &[("streamtype", "error"), ("port", "9"), ("requestid", "2")])
-        .await;
-    spdy.create("data2", &[("streamtype", "data"), ("port", "9"), ("requestid", "2")])
-        .await;
+    spdy.create(
+        "error2",
+        &[("streamtype", "error"), ("port", "9"), ("requestid", "2")],
+    )
+    .await;
+    spdy.create(
+        "data2",
+        &[("streamtype", "data"), ("port", "9"), ("requestid", "2")],
+    )
+    .await;
     let got = spdy
         .collect_until(|o| o.finished.contains(&"error2".to_string()))
         .await;
