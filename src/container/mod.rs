@@ -27,7 +27,7 @@ use crate::image::store::{ImageError, ImageRecord, ImageStore};
 use crate::locks::KeyedLocks;
 use crate::monitor::{self, ExitRecord, ExitWatcher, MonitorClient, MonitorConfig, MonitorError};
 use crate::sandbox::{PodRecord, PodState, SandboxError, SandboxManager};
-use crate::store::{Kind, Store, StoreError};
+use crate::store::{Cached, Kind, Store, StoreError};
 
 /// How long a stop waits for a SIGKILLed process to be reported gone.
 const KILL_WAIT: Duration = Duration::from_secs(10);
@@ -158,14 +158,14 @@ impl ContainerRecord {
 }
 
 pub struct ContainerManager {
-    store: Store,
+    /// Every container record, written through to the metadata store.
+    records: Cached<ContainerRecord>,
     state_dir: PathBuf,
     images: Arc<ImageStore>,
     sandboxes: Arc<SandboxManager>,
     snapshots: Snapshots,
     cgroups: Option<CgroupManager>,
     locks: KeyedLocks,
-    reserve: tokio::sync::Mutex<()>,
     exits: broadcast::Sender<String>,
     /// The last CPU sample per container: (ns timestamp, usage ns), to turn
     /// cumulative usage into nano-cores as cadvisor does.
@@ -223,14 +223,13 @@ impl ContainerManager {
         }
         let (exits, _) = broadcast::channel(1024);
         Ok(Arc::new(ContainerManager {
-            store,
+            records: Cached::new(store, Kind::Container),
             state_dir: state.to_path_buf(),
             images,
             sandboxes,
             snapshots,
             cgroups,
             locks: KeyedLocks::default(),
-            reserve: tokio::sync::Mutex::new(()),
             exits,
             cpu_samples: std::sync::Mutex::new(HashMap::new()),
             events: crate::events::Events::default(),
@@ -333,10 +332,9 @@ impl ContainerManager {
         Ok(())
     }
 
-    pub async fn all(&self) -> Result<Vec<ContainerRecord>, ContainerError> {
-        let store = self.store.clone();
-        let list = blocking(move || store.list::<ContainerRecord>(Kind::Container)).await??;
-        Ok(list.into_iter().map(|(_, c)| c).collect())
+    /// Every container, from the in-memory copy of the store.
+    pub async fn all(&self) -> Result<Vec<Arc<ContainerRecord>>, ContainerError> {
+        Ok(self.records.all().await?)
     }
 
     /// The container with `id` or a unique prefix of it.
@@ -347,9 +345,8 @@ impl ContainerManager {
                 message: "an id is required".into(),
             });
         }
-        let all = self.all().await?;
-        match crate::ids::find_by_prefix(&all, id, |c| c.id.as_str()) {
-            Lookup::Found(container) => Ok(container),
+        match self.records.find(id).await? {
+            Lookup::Found(container) => Ok(ContainerRecord::clone(&container)),
             Lookup::NotFound => Err(ContainerError::NotFound(id.to_string())),
             Lookup::Ambiguous(ids) => Err(ContainerError::Ambiguous {
                 prefix: id.to_string(),
@@ -359,14 +356,11 @@ impl ContainerManager {
     }
 
     async fn put(&self, container: &ContainerRecord) -> Result<(), ContainerError> {
-        let (store, container) = (self.store.clone(), container.clone());
-        blocking(move || store.put(Kind::Container, &container.id, &container)).await??;
-        Ok(())
+        Ok(self.records.put(&container.id, container).await?)
     }
 
     async fn delete_record(&self, id: &str) -> Result<(), ContainerError> {
-        let (store, id) = (self.store.clone(), id.to_string());
-        blocking(move || store.delete(Kind::Container, &id)).await??;
+        self.records.delete(id).await?;
         Ok(())
     }
 
@@ -473,21 +467,22 @@ impl ContainerManager {
         container: &ContainerRecord,
         pod: &PodRecord,
     ) -> Result<(), ContainerError> {
-        let _reserve = self.reserve.lock().await;
+        // Checked and written under the records' write lock: two creates
+        // of one name cannot both pass.
+        let mut records = self.records.write().await?;
         let key = container.name_key(pod);
-        let taken = self
-            .all()
-            .await?
-            .into_iter()
+        let taken = records
+            .records()
+            .values()
             .filter(|other| other.pod_id == pod.id)
             .find(|other| other.name_key(pod) == key);
         if let Some(other) = taken {
             return Err(ContainerError::NameTaken {
                 name: key,
-                id: other.id,
+                id: other.id.clone(),
             });
         }
-        self.put(container).await
+        Ok(records.put(&container.id, container).await?)
     }
 
     /// The steps of CreateContainer; `container` records what was made so

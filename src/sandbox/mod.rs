@@ -27,7 +27,7 @@ use crate::locks::KeyedLocks;
 use crate::network::{
     Network, NetworkError, PodNetworkRequest, PodNetworkStatus, PortMapping, Protocol,
 };
-use crate::store::{Kind, Store, StoreError};
+use crate::store::{Cached, Kind, Store, StoreError};
 use files::{Dns, FilesError};
 use namespaces::{PinError, PinRequest};
 
@@ -161,14 +161,13 @@ fn name_key(config: &PodSandboxConfig) -> String {
 }
 
 pub struct SandboxManager {
-    store: Store,
+    /// Every pod record, written through to the metadata store.
+    records: Cached<PodRecord>,
     pods_dir: PathBuf,
     state_dir: PathBuf,
     network: Arc<Network>,
     cgroups: Option<CgroupManager>,
     locks: KeyedLocks,
-    /// Serializes name reservations with the check that precedes them.
-    reserve: tokio::sync::Mutex<()>,
 }
 
 /// A fresh pod id.
@@ -200,13 +199,12 @@ impl SandboxManager {
         cgroups: Option<CgroupManager>,
     ) -> Self {
         SandboxManager {
-            store,
+            records: Cached::new(store, Kind::Pod),
             pods_dir: state.join("pods"),
             state_dir: state.to_path_buf(),
             network,
             cgroups,
             locks: KeyedLocks::default(),
-            reserve: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -216,17 +214,15 @@ impl SandboxManager {
             if pod.state == PodState::Creating {
                 tracing::warn!(pod = %pod.id, "undoing a pod sandbox whose creation was interrupted");
                 self.teardown(&pod).await?;
-                let (store, id) = (self.store.clone(), pod.id.clone());
-                blocking(move || store.delete(Kind::Pod, &id)).await??;
+                self.records.delete(&pod.id).await?;
             }
         }
         Ok(())
     }
 
-    pub async fn all(&self) -> Result<Vec<PodRecord>, SandboxError> {
-        let store = self.store.clone();
-        let pods = blocking(move || store.list::<PodRecord>(Kind::Pod)).await??;
-        Ok(pods.into_iter().map(|(_, p)| p).collect())
+    /// Every pod, from the in-memory copy of the store.
+    pub async fn all(&self) -> Result<Vec<Arc<PodRecord>>, SandboxError> {
+        Ok(self.records.all().await?)
     }
 
     /// The pod with `id` or a unique prefix of it.
@@ -237,9 +233,8 @@ impl SandboxManager {
                 message: "an id is required".into(),
             });
         }
-        let pods = self.all().await?;
-        match crate::ids::find_by_prefix(&pods, id, |p| p.id.as_str()) {
-            Lookup::Found(pod) => Ok(pod),
+        match self.records.find(id).await? {
+            Lookup::Found(pod) => Ok(PodRecord::clone(&pod)),
             Lookup::NotFound => Err(SandboxError::NotFound(id.to_string())),
             Lookup::Ambiguous(ids) => Err(SandboxError::Ambiguous {
                 prefix: id.to_string(),
@@ -249,9 +244,7 @@ impl SandboxManager {
     }
 
     async fn put(&self, pod: &PodRecord) -> Result<(), SandboxError> {
-        let (store, pod) = (self.store.clone(), pod.clone());
-        blocking(move || store.put(Kind::Pod, &pod.id, &pod)).await??;
-        Ok(())
+        Ok(self.records.put(&pod.id, pod).await?)
     }
 
     /// RunPodSandbox.
@@ -292,8 +285,7 @@ impl SandboxManager {
                 if let Err(undo) = self.teardown(&pod).await {
                     tracing::error!(pod = %id, "undo of a failed RunPodSandbox: {undo}");
                 }
-                let store = self.store.clone();
-                blocking(move || store.delete(Kind::Pod, &id)).await??;
+                self.records.delete(&id).await?;
                 Err(e)
             }
         }
@@ -301,23 +293,17 @@ impl SandboxManager {
 
     /// Persists the record as `Creating`, refusing a name in use.
     async fn reserve_name(&self, pod: &PodRecord) -> Result<(), SandboxError> {
-        let _reserve = self.reserve.lock().await;
-        let (store, pod) = (self.store.clone(), pod.clone());
-        blocking(move || {
-            store.write(|batch| {
-                let key = pod.name_key();
-                if let Some((id, _)) = batch
-                    .list::<PodRecord>(Kind::Pod)?
-                    .into_iter()
-                    .find(|(_, other)| other.name_key() == key)
-                {
-                    return Ok(Err(SandboxError::NameTaken { name: key, id }));
-                }
-                batch.put(Kind::Pod, &pod.id, &pod)?;
-                Ok(Ok(()))
-            })
-        })
-        .await??
+        // Checked and written under the records' write lock: two runs of
+        // one name cannot both pass.
+        let mut records = self.records.write().await?;
+        let key = pod.name_key();
+        if let Some(other) = records.records().values().find(|o| o.name_key() == key) {
+            return Err(SandboxError::NameTaken {
+                name: key,
+                id: other.id.clone(),
+            });
+        }
+        Ok(records.put(&pod.id, pod).await?)
     }
 
     /// The steps of RunPodSandbox; `pod` records each as it is done so that
@@ -450,8 +436,7 @@ impl SandboxManager {
         };
         let _lock = self.locks.lock(&pod.id).await;
         self.teardown(&pod).await?;
-        let store = self.store.clone();
-        blocking(move || store.delete(Kind::Pod, &pod.id)).await??;
+        self.records.delete(&pod.id).await?;
         Ok(())
     }
 

@@ -104,6 +104,6 @@ pub async fn list(
         })
         .filter(|c| filter.state.is_none_or(|s| s.state == state_of(c) as i32))
         .filter(|c| labels_match(&c.config.labels, &filter.label_selector))
-        .map(to_cri)
+        .map(|c| to_cri(c))
         .collect())
 }

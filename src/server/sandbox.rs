@@ -95,12 +95,12 @@ pub async fn list(
         .filter(|pod| labels_match(&pod.config.labels, &filter.label_selector))
         .map(|pod| PodSandbox {
             state: state_of(&pod) as i32,
-            id: pod.id,
-            metadata: pod.config.metadata,
+            id: pod.id.clone(),
+            metadata: pod.config.metadata.clone(),
             created_at: pod.created_at,
-            labels: pod.config.labels,
-            annotations: pod.config.annotations,
-            runtime_handler: pod.runtime_handler,
+            labels: pod.config.labels.clone(),
+            annotations: pod.config.annotations.clone(),
+            runtime_handler: pod.runtime_handler.clone(),
         })
         .collect();
     Ok(ListPodSandboxResponse { items })

@@ -181,6 +181,8 @@ pub enum StoreError {
         "write transaction on {path} started inside another one on the same thread, which would wait for itself; use the batch"
     )]
     NestedWrite { path: PathBuf },
+    #[error("metadata store task for {path} failed: {message}")]
+    Task { path: PathBuf, message: String },
 }
 
 /// Handle to the open database. Cloning is cheap; all clones share one file
@@ -616,3 +618,6 @@ impl Drop for WritingGuard {
 
 #[cfg(test)]
 mod tests;
+
+mod cached;
+pub use cached::{Cached, CachedWrite};
