@@ -678,3 +678,361 @@ async fn fifty_pods_from_eight_clients_get_distinct_addresses_and_leave_nothing(
         "veths left on the bridge"
     );
 }
+
+// ------------------------------------------------- pod cgroup limits
+
+/// Removes the pods it tracks through the daemon when dropped, so that a
+/// failing test leaves no namespaces, veths or cgroups behind (removal is
+/// idempotent, so a test that removed them already loses nothing). Made
+/// after the daemon, so it is dropped before the daemon is killed.
+struct PodsGuard {
+    socket: PathBuf,
+    ids: Vec<String>,
+}
+
+impl PodsGuard {
+    fn new(daemon: &TestDaemon) -> PodsGuard {
+        PodsGuard {
+            socket: daemon.socket.clone(),
+            ids: Vec::new(),
+        }
+    }
+
+    fn track(&mut self, id: &str) -> String {
+        self.ids.push(id.to_string());
+        id.to_string()
+    }
+
+    /// RunPodSandbox that must fail; a pod made all the same is tracked
+    /// before the test fails.
+    async fn refused(
+        &mut self,
+        client: &mut RuntimeServiceClient<Channel>,
+        config: PodSandboxConfig,
+        why: &str,
+    ) -> tonic::Status {
+        match runp(client, config).await {
+            Ok(id) => {
+                self.track(&id);
+                panic!("{why}: the pod was made ({id})");
+            }
+            Err(err) => err,
+        }
+    }
+}
+
+impl Drop for PodsGuard {
+    fn drop(&mut self) {
+        let (socket, ids) = (self.socket.clone(), std::mem::take(&mut self.ids));
+        if ids.is_empty() {
+            return;
+        }
+        // Drop runs on a runtime thread: the removal gets its own.
+        let removal = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cleanup runtime");
+            runtime.block_on(async {
+                let mut client = RuntimeServiceClient::new(common::connect(&socket).await);
+                for id in ids {
+                    let _ = client
+                        .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id })
+                        .await;
+                }
+            });
+        });
+        let _ = removal.join();
+    }
+}
+
+/// A pod cgroup path of this test, removed from every hierarchy on drop
+/// (deepest first), also when the test fails.
+struct PodCgroup {
+    path: String,
+}
+
+impl PodCgroup {
+    fn new(name: &str) -> PodCgroup {
+        PodCgroup {
+            path: format!("/berth-it-{}-{name}", std::process::id()),
+        }
+    }
+
+    /// The directory in each mounted hierarchy (v1 controllers and the
+    /// v2 one, whether it is `/sys/fs/cgroup` or `/sys/fs/cgroup/unified`).
+    fn dirs(&self) -> Vec<PathBuf> {
+        let relative = self.path.trim_start_matches('/');
+        if cgroup_v2_only() {
+            return vec![Path::new("/sys/fs/cgroup").join(relative)];
+        }
+        std::fs::read_dir("/sys/fs/cgroup")
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.path().join("cgroup.procs").exists())
+                    .map(|e| e.path().join(relative))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn existing(&self) -> Vec<PathBuf> {
+        self.dirs().into_iter().filter(|d| d.is_dir()).collect()
+    }
+
+    /// `<controller>/<path>/<v1>` on v1, `<path>/<v2>` on v2.
+    fn read(&self, controller: &str, v1: &str, v2: &str) -> String {
+        let relative = self.path.trim_start_matches('/');
+        let file = if cgroup_v2_only() {
+            Path::new("/sys/fs/cgroup").join(relative).join(v2)
+        } else {
+            Path::new("/sys/fs/cgroup")
+                .join(controller)
+                .join(relative)
+                .join(v1)
+        };
+        std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("read {}: {e}", file.display()))
+            .trim()
+            .to_string()
+    }
+
+    /// Makes the cgroup as kubelet would before RunPodSandbox (v1 cpuset
+    /// filled in from the root, or nothing could join it).
+    fn make_as_kubelet(&self) {
+        for dir in self.dirs() {
+            std::fs::create_dir_all(&dir)
+                .unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+            for file in ["cpuset.cpus", "cpuset.mems"] {
+                let Some(root) = dir.parent().map(|p| p.join(file)) else {
+                    continue;
+                };
+                if !cgroup_v2_only()
+                    && let Ok(value) = std::fs::read_to_string(&root)
+                {
+                    std::fs::write(dir.join(file), value.trim())
+                        .unwrap_or_else(|e| panic!("fill {file}: {e}"));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        for dir in self.existing() {
+            remove_cgroup_tree(&dir);
+        }
+    }
+}
+
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    // Processes left in it (a failed test's infra) are killed first.
+    if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        for pid in procs.lines().filter_map(|l| l.trim().parse().ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+fn cgroup_v2_only() -> bool {
+    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}
+
+/// What kubelet sends for a pod whose containers ask 0.5 CPU (limit and
+/// request) and 128 MiB, with a RuntimeClass overhead of 0.1 CPU and 32 MiB.
+fn pod_with_limits(name: &str, cgroup: &PodCgroup) -> PodSandboxConfig {
+    let mut config = pod_config(name);
+    config.linux = Some(LinuxPodSandboxConfig {
+        cgroup_parent: cgroup.path.clone(),
+        resources: Some(LinuxContainerResources {
+            cpu_period: 100_000,
+            cpu_quota: 50_000,
+            cpu_shares: 512,
+            memory_limit_in_bytes: 128 << 20,
+            ..LinuxContainerResources::default()
+        }),
+        overhead: Some(LinuxContainerResources {
+            cpu_period: 100_000,
+            cpu_quota: 10_000,
+            cpu_shares: 102,
+            memory_limit_in_bytes: 32 << 20,
+            ..LinuxContainerResources::default()
+        }),
+        ..LinuxPodSandboxConfig::default()
+    });
+    config
+}
+
+#[tokio::test]
+async fn overhead_and_resources_limit_the_pod_cgroup_berth_makes() {
+    if !root_or_skip() {
+        return;
+    }
+    let net = TestNet::new();
+    let cgroup = PodCgroup::new("limits");
+    let daemon = TestDaemon::start_with(Options {
+        config_toml: net.builtin_config(),
+        ..Options::default()
+    });
+    let mut client = daemon.runtime().await;
+    let mut pods = PodsGuard::new(&daemon);
+    let id = pods.track(
+        &runp(&mut client, pod_with_limits("limits", &cgroup))
+            .await
+            .expect("RunPodSandbox"),
+    );
+    assert!(!cgroup.existing().is_empty(), "the pod cgroup was made");
+    // 0.5 + 0.1 CPU and 128 + 32 MiB: the whole pod's, overhead included.
+    if cgroup_v2_only() {
+        assert_eq!(cgroup.read("cpu", "", "cpu.max"), "60000 100000");
+        assert_eq!(
+            cgroup.read("memory", "", "memory.max"),
+            (160u64 << 20).to_string()
+        );
+    } else {
+        assert_eq!(cgroup.read("cpu", "cpu.shares", ""), "614");
+        assert_eq!(cgroup.read("cpu", "cpu.cfs_period_us", ""), "100000");
+        assert_eq!(cgroup.read("cpu", "cpu.cfs_quota_us", ""), "60000");
+        assert_eq!(
+            cgroup.read("memory", "memory.limit_in_bytes", ""),
+            (160u64 << 20).to_string()
+        );
+    }
+    // The infra process (a shared PID namespace) is inside those limits.
+    let procs = cgroup.read("memory", "cgroup.procs", "cgroup.procs");
+    assert!(!procs.is_empty(), "the infra process is in the pod cgroup");
+
+    stopp(&mut client, &id).await;
+    rmp(&mut client, &id).await;
+    assert!(
+        cgroup.existing().is_empty(),
+        "pod cgroup left: {:?}",
+        cgroup.existing()
+    );
+}
+
+#[tokio::test]
+async fn a_pod_cgroup_kubelet_made_keeps_kubelets_limits() {
+    if !root_or_skip() {
+        return;
+    }
+    let net = TestNet::new();
+    let cgroup = PodCgroup::new("kubelets");
+    cgroup.make_as_kubelet();
+    let daemon = TestDaemon::start_with(Options {
+        config_toml: net.builtin_config(),
+        ..Options::default()
+    });
+    let mut client = daemon.runtime().await;
+    let mut pods = PodsGuard::new(&daemon);
+    let before = if cgroup_v2_only() {
+        cgroup.read("memory", "", "memory.max")
+    } else {
+        cgroup.read("memory", "memory.limit_in_bytes", "")
+    };
+    let id = pods.track(
+        &runp(&mut client, pod_with_limits("kubelets", &cgroup))
+            .await
+            .expect("RunPodSandbox"),
+    );
+    let after = if cgroup_v2_only() {
+        cgroup.read("memory", "", "memory.max")
+    } else {
+        assert_eq!(cgroup.read("cpu", "cpu.cfs_quota_us", ""), "-1");
+        cgroup.read("memory", "memory.limit_in_bytes", "")
+    };
+    assert_eq!(after, before, "kubelet's cgroup is kubelet's to limit");
+    stopp(&mut client, &id).await;
+    rmp(&mut client, &id).await;
+    assert!(
+        !cgroup.existing().is_empty(),
+        "kubelet's pod cgroup is not berth's to remove"
+    );
+}
+
+#[tokio::test]
+async fn invalid_pod_resources_are_refused_naming_the_field() {
+    if !root_or_skip() {
+        return;
+    }
+    let net = TestNet::new();
+    let cgroup = PodCgroup::new("invalid");
+    let daemon = TestDaemon::start_with(Options {
+        config_toml: net.builtin_config(),
+        ..Options::default()
+    });
+    let mut client = daemon.runtime().await;
+    let mut pods = PodsGuard::new(&daemon);
+    let mut bad = pod_with_limits("invalid", &cgroup);
+    if let Some(overhead) = bad.linux.as_mut().and_then(|l| l.overhead.as_mut()) {
+        overhead.cpu_quota = 10;
+    }
+    let err = pods.refused(&mut client, bad, "quota below 1 ms").await;
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("config.linux.overhead.cpu_quota"),
+        "{}",
+        err.message()
+    );
+    // Nothing was made, and the name is free.
+    assert!(cgroup.existing().is_empty());
+    let pod_dirs = std::fs::read_dir(daemon.state.join("pods"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(pod_dirs, 0);
+    let id = pods.track(
+        &runp(&mut client, pod_config("invalid"))
+            .await
+            .expect("the name is free"),
+    );
+    rmp(&mut client, &id).await;
+}
+
+#[tokio::test]
+async fn a_limit_the_kernel_refuses_undoes_the_pod() {
+    if !root_or_skip() {
+        return;
+    }
+    let net = TestNet::new();
+    let cgroup = PodCgroup::new("refused");
+    let daemon = TestDaemon::start_with(Options {
+        config_toml: net.builtin_config(),
+        ..Options::default()
+    });
+    let mut client = daemon.runtime().await;
+    let mut pods = PodsGuard::new(&daemon);
+    let mut config = pod_with_limits("refused", &cgroup);
+    if let Some(resources) = config.linux.as_mut().and_then(|l| l.resources.as_mut()) {
+        // Well-formed, but no such CPU: the kernel says EINVAL.
+        resources.cpuset_cpus = "4095".to_string();
+    }
+    let err = pods.refused(&mut client, config, "no CPU 4095").await;
+    assert!(err.message().contains("cpuset.cpus"), "{}", err.message());
+    assert!(
+        cgroup.existing().is_empty(),
+        "pod cgroup left: {:?}",
+        cgroup.existing()
+    );
+    let listed = client
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .items;
+    assert!(listed.is_empty(), "{listed:?}");
+    let pod_dirs = std::fs::read_dir(daemon.state.join("pods"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(pod_dirs, 0);
+}

@@ -10,6 +10,7 @@
 pub mod files;
 pub mod infra;
 pub mod namespaces;
+pub mod resources;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use k8s_cri::v1::{
     NamespaceMode, PodSandboxConfig, PortMapping as CriPortMapping, Protocol as CriProtocol,
 };
+use oci_spec::runtime::LinuxResources;
 use serde::{Deserialize, Serialize};
 
 use crate::executor::cgroups::{CgroupError, CgroupManager};
@@ -91,7 +93,8 @@ pub struct PodRecord {
     pub dir: PathBuf,
     pub namespaces: PinRecord,
     pub network: Option<NetworkRecord>,
-    /// The pod cgroup, when berth made it (kubelet usually has).
+    /// The pod cgroup, when berth made it (kubelet usually has). Only such
+    /// a cgroup gets the request's resources and overhead ([`resources`]).
     pub created_cgroup: Option<String>,
     pub shm: Option<PathBuf>,
     /// The infra process holding a PID namespace the pod's containers
@@ -254,6 +257,7 @@ impl SandboxManager {
         runtime_handler: &str,
     ) -> Result<PodRecord, SandboxError> {
         let pins = validate(&config, runtime_handler)?;
+        let limits = resources::pod_limits(config.linux.as_ref())?;
         let id = new_pod_id()?;
         let mut pod = PodRecord {
             id: id.clone(),
@@ -274,7 +278,7 @@ impl SandboxManager {
         };
         self.reserve_name(&pod).await?;
         let _lock = self.locks.lock(&id).await;
-        match self.make(&mut pod, pins).await {
+        match self.make(&mut pod, pins, limits).await {
             Ok(()) => {
                 pod.state = PodState::Ready;
                 self.put(&pod).await?;
@@ -307,8 +311,14 @@ impl SandboxManager {
     }
 
     /// The steps of RunPodSandbox; `pod` records each as it is done so that
-    /// `teardown` undoes exactly those.
-    async fn make(&self, pod: &mut PodRecord, pins: PinRequest) -> Result<(), SandboxError> {
+    /// `teardown` undoes exactly those. `limits` are the pod cgroup's, from
+    /// [`resources::pod_limits`].
+    async fn make(
+        &self,
+        pod: &mut PodRecord,
+        pins: PinRequest,
+        limits: Option<LinuxResources>,
+    ) -> Result<(), SandboxError> {
         let dir = pod.dir.clone();
         blocking({
             let dir = dir.clone();
@@ -330,10 +340,22 @@ impl SandboxManager {
             if !parent.is_empty() {
                 let path = cgroups.pod_path(&parent)?;
                 let exists = cgroups.open(&path).dirs().iter().any(|d| d.is_dir());
-                if !exists {
-                    cgroups.create(&path, None)?;
+                if exists {
+                    if limits.is_some() {
+                        // kubelet made it and wrote its limits, overhead
+                        // included; containerd and CRI-O leave it too.
+                        tracing::debug!(pod = %pod.id, cgroup = %path, "pod cgroup is kubelet's: its resources and overhead are kubelet's to apply");
+                    }
+                } else {
+                    // Recorded first: a crash while it is made still has
+                    // the restart remove it.
                     pod.created_cgroup = Some(parent);
                     self.put(pod).await?;
+                    let limits = limits.map(|l| tolerate_missing_hugetlb(cgroups, &pod.id, l));
+                    let cgroups = cgroups.clone();
+                    blocking(move || cgroups.create(&path, limits.as_ref()))
+                        .await?
+                        .map_err(|e| pod_cgroup_error(e, &pod.config))?;
                 }
             }
         }
@@ -457,6 +479,47 @@ impl SandboxManager {
 
     pub fn network(&self) -> &Arc<Network> {
         &self.network
+    }
+}
+
+/// containerd's default `tolerate_missing_hugetlb_controller`, as for
+/// containers: without the controller, huge page limits are dropped.
+fn tolerate_missing_hugetlb(
+    cgroups: &CgroupManager,
+    pod_id: &str,
+    mut limits: LinuxResources,
+) -> LinuxResources {
+    if limits.hugepage_limits().is_some() && cgroups.layout().controller_mount("hugetlb").is_none()
+    {
+        tracing::warn!(
+            pod = pod_id,
+            "hugetlb cgroup controller is absent: the pod's huge page limits are skipped"
+        );
+        limits.set_hugepage_limits(None);
+    }
+    limits
+}
+
+/// Unified keys on a host without cgroup v2 are the request's mistake for
+/// this node, not berth's: the field is named as for an invalid value.
+fn pod_cgroup_error(e: CgroupError, config: &PodSandboxConfig) -> SandboxError {
+    match e {
+        CgroupError::UnifiedNeedsV2 { .. } => {
+            let in_resources = config
+                .linux
+                .as_ref()
+                .and_then(|l| l.resources.as_ref())
+                .is_some_and(|r| !r.unified.is_empty());
+            SandboxError::Invalid {
+                field: if in_resources {
+                    "config.linux.resources.unified"
+                } else {
+                    "config.linux.overhead.unified"
+                },
+                message: e.to_string(),
+            }
+        }
+        other => SandboxError::Cgroup(other),
     }
 }
 

@@ -4,7 +4,8 @@
 //! and a pure v2 host. The fake trees hold the files the kernel would create
 //! with each directory; the v2 device filter, which only a real cgroup can
 //! take, is recorded in a file by a stand-in installer (the real one is in
-//! `host_tests`).
+//! `host_tests`). The fake hosts are also used by the sandbox's tests of
+//! the pod cgroup.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -21,18 +22,18 @@ use super::*;
 const POD: &str = "/kubepods/burstable/pod0b4ba1c4";
 const UNLIMITED_V1: &str = "9223372036854771712";
 
-struct Fake {
+pub(crate) struct Fake {
     _dir: tempfile::TempDir,
     root: PathBuf,
-    layout: CgroupLayout,
+    pub(crate) layout: CgroupLayout,
 }
 
 impl Fake {
-    fn mount(&self, name: &str) -> PathBuf {
+    pub(crate) fn mount(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
 
-    fn read(&self, mount: &str, path: &CgroupPath, file: &str) -> String {
+    pub(crate) fn read(&self, mount: &str, path: &CgroupPath, file: &str) -> String {
         let p = path.under(&self.mount(mount)).join(file);
         std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
     }
@@ -61,7 +62,7 @@ const V1_MOUNTS: [&str; 8] = [
 ];
 
 /// This host: v1 with split cpu and cpuacct, hugetlb on the v2 hierarchy.
-fn hybrid() -> Fake {
+pub(crate) fn hybrid() -> Fake {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().to_path_buf();
     let v1: BTreeMap<String, PathBuf> = V1_MOUNTS
@@ -96,7 +97,7 @@ fn hybrid() -> Fake {
 
 /// The kernel's files of a hybrid container cgroup (swap accounting off,
 /// no BFQ: neither memsw nor blkio weight files).
-fn populate_hybrid(fake: &Fake, path: &CgroupPath) {
+pub(crate) fn populate_hybrid(fake: &Fake, path: &CgroupPath) {
     let m = |name: &str| fake.mount(name);
     put_path(
         &m("cpu"),
@@ -382,7 +383,7 @@ fn live_update_changes_only_what_it_names() {
 }
 
 /// A v2 host with every controller berth uses.
-fn unified() -> Fake {
+pub(crate) fn unified() -> Fake {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().to_path_buf();
     let controllers = "cpuset cpu io memory hugetlb pids rdma misc\n";
@@ -405,7 +406,7 @@ fn unified() -> Fake {
     }
 }
 
-fn populate_unified(fake: &Fake, path: &CgroupPath) {
+pub(crate) fn populate_unified(fake: &Fake, path: &CgroupPath) {
     put_path(
         &fake.mount("cgroup"),
         path,

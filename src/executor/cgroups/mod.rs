@@ -35,7 +35,7 @@ pub mod resources;
 pub mod stats;
 
 #[cfg(test)]
-mod fake_tree_tests;
+pub(crate) mod fake_tree_tests;
 #[cfg(test)]
 mod host_tests;
 

@@ -157,6 +157,44 @@ const MAX_SHARES: u64 = 262_144;
 const MIN_QUOTA_US: i64 = 1_000;
 const PERIOD_US: std::ops::RangeInclusive<u64> = 1_000..=1_000_000;
 
+impl Host {
+    /// A host with every controller on `version`, for checks that must not
+    /// depend on the real one.
+    fn with_every_controller(version: Version) -> Host {
+        Host {
+            versions: Controller::ALL
+                .into_iter()
+                .filter(|c| version == Version::V1 || c.v2_name().is_some())
+                .map(|c| (c, version))
+                .collect(),
+            has_v2_dir: version == Version::V2,
+            mode: match version {
+                Version::V1 => CgroupMode::Legacy,
+                Version::V2 => CgroupMode::Unified,
+            },
+            current_memory_limit: None,
+        }
+    }
+}
+
+/// The checks of [`plan`] that hold on every host: values no kernel takes,
+/// whatever its controllers and cgroup version. For a caller that must refuse
+/// a request before it makes anything (RunPodSandbox); [`plan`] repeats them
+/// and adds the host's own (a missing controller, unified keys without v2).
+pub fn validate(r: &LinuxResources) -> Result<(), CgroupError> {
+    // Every controller on v1 checks everything but the unified keys, which
+    // only a v2 cgroup plans; those are checked on a v2 host of their own.
+    // Nothing is missing on either, so only invalid values fail.
+    let mut rest = r.clone();
+    let unified = rest.unified().clone();
+    rest.set_unified(None);
+    plan(&rest, &Host::with_every_controller(Version::V1))?;
+    let mut only_unified = LinuxResources::default();
+    only_unified.set_unified(unified);
+    plan(&only_unified, &Host::with_every_controller(Version::V2))?;
+    Ok(())
+}
+
 /// The steps that make the cgroup match `r`, or the first invalid value.
 pub fn plan(r: &LinuxResources, host: &Host) -> Result<Vec<Step>, CgroupError> {
     let mut writes = Vec::new();
@@ -1088,6 +1126,59 @@ mod tests {
             let err = run(&r, Version::V2).expect_err(key);
             assert!(err.to_string().contains("unified key"), "{err}");
         }
+    }
+
+    #[test]
+    fn validate_refuses_bad_values_whatever_the_host() {
+        let fine = LinuxResourcesBuilder::default()
+            .cpu(
+                LinuxCpuBuilder::default()
+                    .shares(1024u64)
+                    .quota(50_000i64)
+                    .period(100_000u64)
+                    .cpus("0-1")
+                    .build()
+                    .expect("cpu"),
+            )
+            .memory(
+                LinuxMemoryBuilder::default()
+                    .limit(1i64 << 26)
+                    .build()
+                    .expect("memory"),
+            )
+            .unified(HashMap::from([(
+                "memory.high".to_string(),
+                "1048576".to_string(),
+            )]))
+            .build()
+            .expect("resources");
+        validate(&fine).expect("valid on any host");
+        let shares = LinuxResourcesBuilder::default()
+            .cpu(
+                LinuxCpuBuilder::default()
+                    .shares(1u64)
+                    .build()
+                    .expect("cpu"),
+            )
+            .build()
+            .expect("resources");
+        let err = validate(&shares).expect_err("shares");
+        assert!(err.to_string().contains("cpu.shares"), "{err}");
+        let key = LinuxResourcesBuilder::default()
+            .unified(HashMap::from([(
+                "cgroup.procs".to_string(),
+                "1".to_string(),
+            )]))
+            .build()
+            .expect("resources");
+        let err = validate(&key).expect_err("unified key");
+        assert!(err.to_string().contains("unified key"), "{err}");
+        let swap = memory(Some(1 << 27), Some(1 << 26), None);
+        let err = validate(&swap).expect_err("swap below limit");
+        assert!(err.to_string().contains("memory.swap"), "{err}");
+        // Valid, though v2 refuses it (no limit to subtract from): that is
+        // the host's concern, for plan.
+        validate(&memory(None, Some(1 << 26), None)).expect("swap without limit");
     }
 
     #[test]
