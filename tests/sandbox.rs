@@ -962,7 +962,7 @@ async fn a_pod_cgroup_kubelet_made_keeps_kubelets_limits() {
 }
 
 #[tokio::test]
-async fn invalid_pod_resources_are_refused_naming_the_field() {
+async fn invalid_pod_resources_and_bandwidth_are_refused_naming_the_field() {
     if !root_or_skip() {
         return;
     }
@@ -982,6 +982,32 @@ async fn invalid_pod_resources_are_refused_naming_the_field() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(
         err.message().contains("config.linux.overhead.cpu_quota"),
+        "{}",
+        err.message()
+    );
+    let mut bad = pod_config("invalid");
+    bad.annotations = [(
+        "kubernetes.io/ingress-bandwidth".to_string(),
+        "10MB".to_string(),
+    )]
+    .into();
+    let err = pods.refused(&mut client, bad, "bad quantity").await;
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("kubernetes.io/ingress-bandwidth"),
+        "{}",
+        err.message()
+    );
+    let mut bad = pod_config("invalid");
+    bad.annotations = [(
+        "kubernetes.io/egress-bandwidth".to_string(),
+        "2P".to_string(),
+    )]
+    .into();
+    let err = pods.refused(&mut client, bad, "above 1 Pbit/s").await;
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("unreasonably large"),
         "{}",
         err.message()
     );
@@ -1035,4 +1061,217 @@ async fn a_limit_the_kernel_refuses_undoes_the_pod() {
         .map(|d| d.count())
         .unwrap_or(0);
     assert_eq!(pod_dirs, 0);
+}
+
+// -------------------------------------------------------- bandwidth
+
+const MBIT_10_BYTES: u64 = 1_250_000;
+const MBIT_5_BYTES: u64 = 625_000;
+
+fn bandwidth_annotations(config: &mut PodSandboxConfig) {
+    config.annotations = [
+        (
+            "kubernetes.io/ingress-bandwidth".to_string(),
+            "10M".to_string(),
+        ),
+        (
+            "kubernetes.io/egress-bandwidth".to_string(),
+            "5M".to_string(),
+        ),
+    ]
+    .into();
+}
+
+/// `tc -j qdisc show dev <dev>`, in the namespace at `netns` when given.
+/// Tests only read qdiscs with `tc`; berth itself never runs it.
+fn qdiscs(dev: &str, netns: Option<&Path>) -> Vec<serde_json::Value> {
+    let mut command = match netns {
+        Some(netns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", netns.display())).arg("tc");
+            c
+        }
+        None => Command::new("tc"),
+    };
+    let out = command
+        .args(["-j", "qdisc", "show", "dev", dev])
+        .output()
+        .expect("run tc");
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+/// The rate in bytes/s of the root TBF qdisc of `dev`, if it has one.
+fn tbf_rate(dev: &str, netns: Option<&Path>) -> Option<u64> {
+    qdiscs(dev, netns)
+        .into_iter()
+        .find(|q| q["kind"] == "tbf" && q["root"] == true)
+        .and_then(|q| q["options"]["rate"].as_u64())
+}
+
+fn tc_or_skip() -> bool {
+    if Command::new("tc").arg("-V").output().is_err() {
+        eprintln!("skipping: the test reads qdiscs with tc (Debian package iproute2)");
+        return false;
+    }
+    true
+}
+
+#[tokio::test]
+async fn bandwidth_annotations_shape_a_builtin_network_pod() {
+    if !root_or_skip() || !tc_or_skip() {
+        return;
+    }
+    let net = TestNet::new();
+    let daemon = TestDaemon::start_with(Options {
+        config_toml: net.builtin_config(),
+        ..Options::default()
+    });
+    let mut client = daemon.runtime().await;
+    let mut pods = PodsGuard::new(&daemon);
+    let mut config = pod_config("shaped");
+    bandwidth_annotations(&mut config);
+    let id = pods.track(&runp(&mut client, config).await.expect("RunPodSandbox"));
+    let st = status(&mut client, &id).await.expect("status");
+    let veth = host_interface_of(&st).expect("host veth");
+    let netns = netns_of(&st).expect("netns");
+    // Into the pod through the host end, out of it through its eth0.
+    assert_eq!(tbf_rate(&veth, None), Some(MBIT_10_BYTES));
+    assert_eq!(tbf_rate("eth0", Some(&netns)), Some(MBIT_5_BYTES));
+    let info: serde_json::Value =
+        serde_json::from_str(st.info.get("info").expect("info")).expect("info json");
+    assert_eq!(info["cniResult"]["bandwidth"]["ingressRate"], 10_000_000);
+
+    // Without annotations: no shaping.
+    let plain = pods.track(
+        &runp(&mut client, pod_config("unshaped"))
+            .await
+            .expect("RunPodSandbox"),
+    );
+    let plain_st = status(&mut client, &plain).await.expect("status");
+    let plain_veth = host_interface_of(&plain_st).expect("host veth");
+    assert_eq!(tbf_rate(&plain_veth, None), None);
+    assert_eq!(
+        tbf_rate("eth0", Some(&netns_of(&plain_st).expect("netns"))),
+        None
+    );
+
+    for id in [&id, &plain] {
+        stopp(&mut client, id).await;
+        rmp(&mut client, id).await;
+    }
+    assert!(
+        !link_exists(&veth),
+        "the veth and its qdiscs went with the pod"
+    );
+}
+
+#[tokio::test]
+async fn bandwidth_annotations_reach_the_cni_bandwidth_plugin() {
+    if !root_or_skip() || !tc_or_skip() {
+        return;
+    }
+    for plugin in ["bridge", "host-local", "bandwidth"] {
+        if !Path::new("/usr/lib/cni").join(plugin).exists() {
+            eprintln!(
+                "skipping: needs /usr/lib/cni/{plugin} (Debian's containernetworking-plugins)"
+            );
+            return;
+        }
+    }
+    let net = TestNet::new();
+    let conf = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        conf.path().join("10-test.conflist"),
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "berth-bw-test",
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": net.bridge,
+                    "isGateway": true,
+                    "ipMasq": false,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": format!("{}.0/24", net.cidr_prefix)}]],
+                        "dataDir": conf.path().join("ipam"),
+                    }
+                },
+                {"type": "bandwidth", "capabilities": {"bandwidth": true}}
+            ]
+        })
+        .to_string(),
+    )
+    .expect("write conflist");
+    let daemon = TestDaemon::start_with(Options {
+        config_toml: format!(
+            "[network]\nmode = \"cni\"\ncni_conf_dir = \"{}\"\ncni_bin_dirs = [\"/usr/lib/cni\"]\n",
+            conf.path().display()
+        ),
+        ..Options::default()
+    });
+    let mut client = daemon.runtime().await;
+    let mut pods = PodsGuard::new(&daemon);
+    let ifbs_before = ifb_devices();
+    let _ifbs = IfbGuard(ifbs_before.clone());
+    let mut config = pod_config("cni-shaped");
+    bandwidth_annotations(&mut config);
+    let id = pods.track(
+        &runp(&mut client, config)
+            .await
+            .expect("RunPodSandbox with the bandwidth plugin"),
+    );
+    let st = status(&mut client, &id).await.expect("status");
+    let info: serde_json::Value =
+        serde_json::from_str(st.info.get("info").expect("info")).expect("info json");
+    let veth = info["cniResult"]["interfaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|i| i.get("sandbox").is_none() && i["name"] != net.bridge.as_str())
+        .and_then(|i| i["name"].as_str())
+        .expect("host veth in the CNI result")
+        .to_string();
+    // The plugin shapes the pod's ingress on the host veth, and its egress
+    // on an IFB device the host veth's ingress is redirected to.
+    assert_eq!(tbf_rate(&veth, None), Some(MBIT_10_BYTES));
+    let new_ifbs: Vec<String> = ifb_devices()
+        .into_iter()
+        .filter(|d| !ifbs_before.contains(d))
+        .collect();
+    assert_eq!(new_ifbs.len(), 1, "{new_ifbs:?}");
+    assert_eq!(tbf_rate(&new_ifbs[0], None), Some(MBIT_5_BYTES));
+
+    stopp(&mut client, &id).await;
+    rmp(&mut client, &id).await;
+    assert!(!link_exists(&veth), "veth left");
+    assert!(!link_exists(&new_ifbs[0]), "IFB device left");
+}
+
+/// The IFB devices of the host.
+fn ifb_devices() -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["-j", "link", "show", "type", "ifb"])
+        .output()
+        .expect("ip link");
+    let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    links
+        .into_iter()
+        .filter_map(|l| l["ifname"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Deletes the IFB devices that appeared since it was made (the bandwidth
+/// plugin's, when a failed test never ran its DEL). No other test makes any.
+struct IfbGuard(Vec<String>);
+
+impl Drop for IfbGuard {
+    fn drop(&mut self) {
+        for dev in ifb_devices().into_iter().filter(|d| !self.0.contains(d)) {
+            let _ = Command::new("ip")
+                .args(["link", "del", &dev])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
 }

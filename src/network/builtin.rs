@@ -4,12 +4,20 @@
 //! address and a default route via the gateway), hostPorts and masquerade
 //! in berth's nftables table, addresses allocated in the store.
 //!
+//! A pod with bandwidth annotations gets a TBF qdisc ([`super::tbf`]) on the
+//! host end of its veth, which limits what enters the pod, and one on its
+//! `eth0`, which limits what it sends. Shaping egress inside the pod needs
+//! no extra device, filter or kernel module; the price is that a pod with
+//! `CAP_NET_ADMIN` (none has it by default) could remove its own egress
+//! limit, which the CNI bandwidth plugin avoids with an IFB device on the
+//! host.
+//!
 //! Ownership: the pod's store record (`Kind::Ipam`, keyed by pod ID) is
 //! written before anything is made and names everything made for the pod:
-//! its addresses, its host veth (deleting it deletes the pod end too), its
-//! nftables chain. Detach removes those, then the record. The bridge, the
-//! table's base chains and the sysctls are the node's, shared by all pods,
-//! and stay.
+//! its addresses, its host veth (deleting it deletes the pod end too, and
+//! the qdiscs of both), its nftables chain. Detach removes those, then the
+//! record. The bridge, the table's base chains and the sysctls are the
+//! node's, shared by all pods, and stay.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -27,8 +35,10 @@ use rtnetlink::{
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::tbf::Tbf;
 use super::{
-    NetworkError, POD_INTERFACE, PodNetworkRequest, PodNetworkStatus, PortMapping, ipam, netns, nft,
+    Bandwidth, NetworkError, POD_INTERFACE, PodNetworkRequest, PodNetworkStatus, PortMapping, ipam,
+    netns, nft,
 };
 use crate::config::NetworkConfig;
 use crate::store::{Kind, Store};
@@ -43,6 +53,9 @@ pub struct Attachment {
     /// The pod's addresses with the prefix length of their CIDR.
     pub addresses: Vec<IpNet>,
     pub port_mappings: Vec<PortMapping>,
+    /// The pod's shaping, when it has bandwidth annotations.
+    #[serde(default)]
+    pub bandwidth: Option<Bandwidth>,
 }
 
 impl Attachment {
@@ -53,7 +66,7 @@ impl Attachment {
     }
 
     fn describe(&self) -> serde_json::Value {
-        json!({
+        let mut description = json!({
             "type": "berth-builtin",
             "bridge": self.bridge,
             "interface": POD_INTERFACE,
@@ -62,7 +75,38 @@ impl Attachment {
                 "address": a.to_string(),
                 "gateway": ipam::gateway(&a.trunc()).to_string(),
             })).collect::<Vec<_>>(),
-        })
+        });
+        if let Some(bw) = &self.bandwidth {
+            description["bandwidth"] = json!({
+                "ingressRate": bw.ingress_rate,
+                "ingressBurst": bw.ingress_burst,
+                "egressRate": bw.egress_rate,
+                "egressBurst": bw.egress_burst,
+            });
+        }
+        description
+    }
+
+    /// The shaping of each direction, checked before anything is made.
+    fn shaping(&self) -> Result<(Option<Tbf>, Option<Tbf>), NetworkError> {
+        let Some(bw) = self.bandwidth else {
+            return Ok((None, None));
+        };
+        let tbf = |rate: u64, burst: u64, direction: &str| {
+            if rate == 0 {
+                return Ok(None);
+            }
+            Tbf::from_bits(rate, burst)
+                .map(Some)
+                .map_err(|message| NetworkError::InvalidRequest {
+                    pod_id: self.pod_id.clone(),
+                    message: format!("{direction} bandwidth: {message}"),
+                })
+        };
+        Ok((
+            tbf(bw.ingress_rate, bw.ingress_burst, "ingress")?,
+            tbf(bw.egress_rate, bw.egress_burst, "egress")?,
+        ))
     }
 }
 
@@ -136,6 +180,7 @@ impl Builtin {
             nft_table: self.table.clone(),
             addresses: Vec::new(),
             port_mappings: req.port_mappings.clone(),
+            bandwidth: req.bandwidth,
         };
         let cidrs = cidrs.to_vec();
         let record = blocking(move || {
@@ -188,6 +233,7 @@ impl Builtin {
                     .expect("the prefix length comes from a valid CIDR")
             })
             .collect();
+        let (ingress, egress) = record.shaping()?;
         let (connection, handle, _) =
             rtnetlink::new_connection().map_err(|error| NetworkError::Netns {
                 op: "open netlink socket".to_string(),
@@ -230,6 +276,23 @@ impl Builtin {
                     record.host_veth,
                     req.netns.display()
                 )))?;
+            if let Some(tbf) = &ingress {
+                // What leaves the host end enters the pod.
+                let index = link_index(&handle, &record.host_veth)
+                    .await?
+                    .ok_or_else(|| {
+                        NetworkError::Builtin(format!(
+                            "veth {} vanished after it was created",
+                            record.host_veth
+                        ))
+                    })?;
+                tbf.replace_root(&handle, index)
+                    .await
+                    .map_err(netlink(format!(
+                        "add a tbf qdisc of {} bytes/s to {} (the pod's ingress)",
+                        tbf.rate_bytes, record.host_veth
+                    )))?;
+            }
             Ok::<(), NetworkError>(())
         }
         .await;
@@ -238,7 +301,7 @@ impl Builtin {
 
         let addresses = record.addresses.clone();
         netns::netlink_in(&req.netns, "configure pod interface", move |h| async move {
-            configure_pod(&h, &addresses).await
+            configure_pod(&h, &addresses, egress.as_ref()).await
         })
         .await?;
 
@@ -324,7 +387,11 @@ pub(super) async fn loopback_up(h: &Handle) -> Result<(), NetworkError> {
         .map_err(netlink("set lo up in the pod".to_string()))
 }
 
-async fn configure_pod(h: &Handle, addresses: &[IpNet]) -> Result<(), NetworkError> {
+async fn configure_pod(
+    h: &Handle,
+    addresses: &[IpNet],
+    egress: Option<&Tbf>,
+) -> Result<(), NetworkError> {
     loopback_up(h).await?;
     let eth0 = link_index(h, POD_INTERFACE).await?.ok_or_else(|| {
         NetworkError::Builtin(format!(
@@ -343,6 +410,13 @@ async fn configure_pod(h: &Handle, addresses: &[IpNet]) -> Result<(), NetworkErr
         }
         ignore_exists(request.execute().await).map_err(netlink(format!(
             "add {address} to {POD_INTERFACE} in the pod"
+        )))?;
+    }
+    if let Some(tbf) = egress {
+        // What the pod sends leaves through its eth0.
+        tbf.replace_root(h, eth0).await.map_err(netlink(format!(
+            "add a tbf qdisc of {} bytes/s to {POD_INTERFACE} in the pod (its egress)",
+            tbf.rate_bytes
         )))?;
     }
     h.link()

@@ -13,12 +13,14 @@
 //! veth, addresses and nftables chain. Both are written before the objects
 //! are made, and removed only after the objects are gone.
 
+pub mod bandwidth;
 mod builtin;
 pub mod cni;
 pub mod cni_config;
 pub mod ipam;
 pub mod netns;
 pub mod nft;
+mod tbf;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -118,7 +120,9 @@ pub struct DnsConfig {
 }
 
 /// Traffic shaping of the pod, in bits per second and bits (the CNI
-/// `bandwidth` capability's units). Only CNI plugins apply it.
+/// `bandwidth` capability's units; see [`bandwidth`]). A rate of 0 leaves
+/// that direction alone. CNI plugins that ask for the capability apply it;
+/// the built-in network applies it with TBF qdiscs ([`tbf`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bandwidth {
     pub ingress_rate: u64,

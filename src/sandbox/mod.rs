@@ -27,7 +27,8 @@ use crate::executor::cgroups::{CgroupError, CgroupManager};
 use crate::ids::{Lookup, now_ns};
 use crate::locks::KeyedLocks;
 use crate::network::{
-    Network, NetworkError, PodNetworkRequest, PodNetworkStatus, PortMapping, Protocol,
+    Bandwidth, Network, NetworkError, PodNetworkRequest, PodNetworkStatus, PortMapping, Protocol,
+    bandwidth,
 };
 use crate::store::{Cached, Kind, Store, StoreError};
 use files::{Dns, FilesError};
@@ -258,6 +259,7 @@ impl SandboxManager {
     ) -> Result<PodRecord, SandboxError> {
         let pins = validate(&config, runtime_handler)?;
         let limits = resources::pod_limits(config.linux.as_ref())?;
+        let shaping = pod_bandwidth(&config, pins.net)?;
         let id = new_pod_id()?;
         let mut pod = PodRecord {
             id: id.clone(),
@@ -278,7 +280,7 @@ impl SandboxManager {
         };
         self.reserve_name(&pod).await?;
         let _lock = self.locks.lock(&id).await;
-        match self.make(&mut pod, pins, limits).await {
+        match self.make(&mut pod, pins, limits, shaping).await {
             Ok(()) => {
                 pod.state = PodState::Ready;
                 self.put(&pod).await?;
@@ -312,12 +314,14 @@ impl SandboxManager {
 
     /// The steps of RunPodSandbox; `pod` records each as it is done so that
     /// `teardown` undoes exactly those. `limits` are the pod cgroup's, from
-    /// [`resources::pod_limits`].
+    /// [`resources::pod_limits`]; `shaping` its network's, from
+    /// [`pod_bandwidth`].
     async fn make(
         &self,
         pod: &mut PodRecord,
         pins: PinRequest,
         limits: Option<LinuxResources>,
+        shaping: Option<Bandwidth>,
     ) -> Result<(), SandboxError> {
         let dir = pod.dir.clone();
         blocking({
@@ -394,7 +398,11 @@ impl SandboxManager {
         }
 
         if pod.namespaces.net {
-            let status = self.network.attach(&network_request(pod)).await?;
+            let request = PodNetworkRequest {
+                bandwidth: shaping,
+                ..network_request(pod)
+            };
+            let status = self.network.attach(&request).await?;
             pod.network = Some(record_of(status));
         }
         Ok(())
@@ -554,9 +562,27 @@ fn network_request(pod: &PodRecord) -> PodNetworkRequest {
                 searches: d.searches.clone(),
                 options: d.options.clone(),
             }),
+        // Only attach uses it ([`pod_bandwidth`]): CNI DEL runs from the
+        // cached ADD, the built-in network from its record.
         bandwidth: None,
         cgroup_parent: pod.cgroup_parent(),
     }
+}
+
+/// The pod's traffic shaping from kubelet's bandwidth annotations. As
+/// containerd, only for a pod with a network of its own: a host-network pod
+/// has nothing to shape, and its annotations are not read.
+fn pod_bandwidth(
+    config: &PodSandboxConfig,
+    own_network: bool,
+) -> Result<Option<Bandwidth>, SandboxError> {
+    if !own_network {
+        return Ok(None);
+    }
+    bandwidth::from_annotations(&config.annotations).map_err(|e| SandboxError::Invalid {
+        field: e.annotation,
+        message: format!("{:?} {}", e.value, e.reason),
+    })
 }
 
 fn port_mapping(p: &CriPortMapping) -> Option<PortMapping> {
