@@ -584,6 +584,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_websocket_message_beyond_the_bound_closes_the_connection() {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+        let server = StreamingServer::bind(&StreamingConfig::default()).expect("bind");
+        server.serve(Arc::new(Stuck)).expect("serve");
+        let url = server.url_for(exec_request()).expect("url");
+        let mut request = url
+            .replacen("http://", "ws://", 1)
+            .into_client_request()
+            .expect("request");
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_static("v5.channel.k8s.io"),
+        );
+        let tcp = tokio::net::TcpStream::connect(server.address())
+            .await
+            .expect("connect");
+        let (mut ws, _) = tokio_tungstenite::client_async(request, tcp)
+            .await
+            .expect("upgrade");
+        let mut huge = vec![0u8; websocket::MAX_MESSAGE + 1024];
+        huge[0] = 0; // stdin
+        let _ = ws.send(Message::binary(huge)).await;
+        // The server drops the connection: the stream ends (or errors)
+        // instead of waiting for the stuck exec.
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(Ok(_)) = ws.next().await {}
+        })
+        .await;
+        assert!(ended.is_ok(), "the connection stayed open");
+    }
+
+    #[tokio::test]
     async fn tls_config_serves_https_urls_over_tls() {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
