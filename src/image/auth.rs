@@ -1,5 +1,7 @@
 //! Registry credentials: the CRI `AuthConfig` kubelet sends with a pull, and
-//! a docker-style `auth.json` from the config for everything else.
+//! a docker-style `auth.json` from the config for everything else. Which
+//! field wins follows containerd's CRI `ParseAuth`; an identity token is
+//! traded for an access token by `token.rs` before the pull.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,16 +17,12 @@ const MAX_AUTH_FILE_BYTES: u64 = 1 << 20;
 pub enum AuthError {
     #[error("auth for {registry}: `auth` is not base64 of \"user:password\"")]
     BadAuthField { registry: String },
-    #[error(
-        "auth for {registry}: identity tokens (OAuth refresh tokens) are not supported yet; pass username/password or a registry token"
-    )]
-    IdentityToken { registry: String },
     #[error("auth file {path}: {message}")]
     File { path: String, message: String },
 }
 
 /// Credentials as a CRI client gives them, free of protobuf types.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Credentials {
     pub username: String,
     pub password: String,
@@ -34,21 +32,64 @@ pub struct Credentials {
     pub registry_token: String,
 }
 
+/// Secrets stay out of logs and panics: only which fields are set shows.
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |field: &String| if field.is_empty() { "" } else { "<redacted>" };
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &set(&self.password))
+            .field("auth", &set(&self.auth))
+            .field("identity_token", &set(&self.identity_token))
+            .field("registry_token", &set(&self.registry_token))
+            .finish()
+    }
+}
+
+/// How a pull authenticates, before any exchange with the registry.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Login {
+    /// Handed to the registry client as it is.
+    Ready(RegistryAuth),
+    /// An OAuth2 refresh token, first traded for an access token at the
+    /// registry's token service (`token.rs`).
+    IdentityToken(String),
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // oci-client's own Debug redacts the secrets.
+            Login::Ready(auth) => f.debug_tuple("Ready").field(auth).finish(),
+            Login::IdentityToken(_) => f.debug_tuple("IdentityToken").field(&"<redacted>").finish(),
+        }
+    }
+}
+
 impl Credentials {
     pub fn is_empty(&self) -> bool {
         self == &Credentials::default()
     }
 
-    /// The credentials as the registry client takes them.
-    pub fn to_registry_auth(&self, registry: &str) -> Result<RegistryAuth, AuthError> {
+    /// How to authenticate with these credentials. The order is
+    /// containerd's `ParseAuth` (username, identity token, `auth`), with
+    /// the registry token, which containerd does not support, first.
+    pub fn login(&self, registry: &str) -> Result<Login, AuthError> {
         if !self.registry_token.is_empty() {
-            return Ok(RegistryAuth::Bearer(self.registry_token.clone()));
+            return Ok(Login::Ready(RegistryAuth::Bearer(
+                self.registry_token.clone(),
+            )));
         }
         if !self.username.is_empty() || !self.password.is_empty() {
-            return Ok(RegistryAuth::Basic(
+            return Ok(Login::Ready(RegistryAuth::Basic(
                 self.username.clone(),
                 self.password.clone(),
-            ));
+            )));
+        }
+        // Before `auth`: docker writes an identity token beside an `auth`
+        // of "<user>:" with no password, which no registry would take.
+        if !self.identity_token.is_empty() {
+            return Ok(Login::IdentityToken(self.identity_token.clone()));
         }
         if !self.auth.is_empty() {
             let bad = || AuthError::BadAuthField {
@@ -59,14 +100,12 @@ impl Credentials {
                 .map_err(|_| bad())?;
             let text = String::from_utf8(decoded).map_err(|_| bad())?;
             let (user, password) = text.split_once(':').ok_or_else(bad)?;
-            return Ok(RegistryAuth::Basic(user.to_string(), password.to_string()));
+            return Ok(Login::Ready(RegistryAuth::Basic(
+                user.to_string(),
+                password.to_string(),
+            )));
         }
-        if !self.identity_token.is_empty() {
-            return Err(AuthError::IdentityToken {
-                registry: registry.to_string(),
-            });
-        }
-        Ok(RegistryAuth::Anonymous)
+        Ok(Login::Ready(RegistryAuth::Anonymous))
     }
 }
 
@@ -162,48 +201,97 @@ fn normalize_host(key: &str) -> String {
 mod tests {
     use super::*;
 
+    fn ready(login: Result<Login, AuthError>) -> RegistryAuth {
+        match login {
+            Ok(Login::Ready(auth)) => auth,
+            other => panic!("expected credentials ready for the client: {other:?}"),
+        }
+    }
+
     #[test]
     fn cri_credentials_map_to_the_registry_flows() {
         let token = Credentials {
             registry_token: "t".into(),
             ..Credentials::default()
         };
-        assert!(matches!(token.to_registry_auth("r"), Ok(RegistryAuth::Bearer(t)) if t == "t"));
+        assert!(matches!(ready(token.login("r")), RegistryAuth::Bearer(t) if t == "t"));
         let basic = Credentials {
             username: "u".into(),
             password: "p".into(),
             ..Credentials::default()
         };
         assert!(
-            matches!(basic.to_registry_auth("r"), Ok(RegistryAuth::Basic(u, p)) if u == "u" && p == "p")
+            matches!(ready(basic.login("r")), RegistryAuth::Basic(u, p) if u == "u" && p == "p")
         );
         let auth = Credentials {
             auth: base64::engine::general_purpose::STANDARD.encode("me:secret:with:colons"),
             ..Credentials::default()
         };
         assert!(
-            matches!(auth.to_registry_auth("r"), Ok(RegistryAuth::Basic(u, p)) if u == "me" && p == "secret:with:colons")
+            matches!(ready(auth.login("r")), RegistryAuth::Basic(u, p) if u == "me" && p == "secret:with:colons")
         );
         let bad = Credentials {
             auth: "!!!".into(),
             ..Credentials::default()
         };
         assert!(matches!(
-            bad.to_registry_auth("r"),
+            bad.login("r"),
             Err(AuthError::BadAuthField { .. })
         ));
         assert!(matches!(
-            Credentials::default().to_registry_auth("r"),
-            Ok(RegistryAuth::Anonymous)
+            ready(Credentials::default().login("r")),
+            RegistryAuth::Anonymous
         ));
         let identity = Credentials {
             identity_token: "x".into(),
             ..Credentials::default()
         };
-        assert!(matches!(
-            identity.to_registry_auth("r"),
-            Err(AuthError::IdentityToken { .. })
-        ));
+        assert_eq!(
+            identity.login("r").expect("identity token"),
+            Login::IdentityToken("x".into())
+        );
+    }
+
+    #[test]
+    fn identity_token_wins_over_auth_and_loses_to_a_username_as_in_containerd() {
+        // What `docker login` to ACR writes: `auth` is "<user>:" with no
+        // password, the identity token is the credential.
+        let docker_acr = Credentials {
+            auth: base64::engine::general_purpose::STANDARD
+                .encode("00000000-0000-0000-0000-000000000000:"),
+            identity_token: "refresh".into(),
+            ..Credentials::default()
+        };
+        assert_eq!(
+            docker_acr.login("r").expect("login"),
+            Login::IdentityToken("refresh".into())
+        );
+        let with_user = Credentials {
+            username: "u".into(),
+            password: "p".into(),
+            identity_token: "refresh".into(),
+            ..Credentials::default()
+        };
+        assert!(matches!(ready(with_user.login("r")), RegistryAuth::Basic(u, _) if u == "u"));
+    }
+
+    #[test]
+    fn debug_output_names_no_secret() {
+        let credentials = Credentials {
+            username: "user".into(),
+            password: "hunter2".into(),
+            auth: "YXV0aA==".into(),
+            identity_token: "refresh-secret".into(),
+            registry_token: "bearer-secret".into(),
+        };
+        let text = format!(
+            "{credentials:?} {:?}",
+            Login::IdentityToken("refresh-secret".into())
+        );
+        for secret in ["hunter2", "YXV0aA==", "refresh-secret", "bearer-secret"] {
+            assert!(!text.contains(secret), "{text}");
+        }
+        assert!(text.contains("user"), "{text}");
     }
 
     #[test]
@@ -222,6 +310,17 @@ mod tests {
         );
         assert_eq!(store.get("localhost:5000").expect("local").username, "a");
         assert!(store.get("quay.io").is_none());
+        let acr = AuthStore::parse(
+            br#"{"auths":{"example.azurecr.io":{"auth":"MDAwMDAwMDA6","identitytoken":"refresh"}}}"#,
+        )
+        .expect("parse");
+        assert_eq!(
+            acr.get("example.azurecr.io")
+                .expect("acr")
+                .login("example.azurecr.io")
+                .expect("login"),
+            Login::IdentityToken("refresh".into())
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod content;
 pub mod digest;
+pub mod http_errors;
 pub mod layers;
 pub mod manifest;
 pub mod mirrors;
@@ -11,4 +12,5 @@ pub mod pull;
 pub mod reference;
 pub mod snapshot;
 pub mod store;
+pub mod token;
 pub mod unpack;

@@ -20,15 +20,17 @@ use oci_client::{Client, Reference as OciReference, RegistryOperation};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::config::{ImageConfig, RegistryConfig};
-use crate::image::auth::{AuthError, AuthStore, Credentials};
+use crate::image::auth::{AuthError, AuthStore, Credentials, Login};
 use crate::image::content::{BlobWriter, ContentError, ContentStore};
 use crate::image::digest::Digest;
+use crate::image::http_errors::{error_chain, registry_errors};
 use crate::image::layers::{LayerError, LayerIds, LayerStore};
 use crate::image::manifest::{
     self, Descriptor, Fetched, ImageConfigFile, ImageManifest, ManifestError, Platform,
 };
 use crate::image::mirrors::{self, Endpoint, MirrorError};
 use crate::image::reference::Reference;
+use crate::image::token::{self, TokenError};
 use crate::image::unpack::{Compression, Limits, UnpackError};
 use crate::locks::KeyedLocks;
 
@@ -47,6 +49,8 @@ pub enum PullError {
     Mirrors(#[from] MirrorError),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
     #[error("{endpoint}: {message}")]
     Registry { endpoint: String, message: String },
     #[error("{endpoint}: {source}")]
@@ -178,7 +182,7 @@ impl Puller {
         let mut attempts = Vec::new();
         for endpoint in &endpoints {
             let attempt = async {
-                let session = self.session(image, endpoint, credentials)?;
+                let session = self.session(image, endpoint, credentials).await?;
                 self.pull_from(image, &session).await
             };
             match attempt.await {
@@ -195,7 +199,7 @@ impl Puller {
         })
     }
 
-    fn session<'a>(
+    async fn session<'a>(
         &self,
         image: &Reference,
         endpoint: &'a Endpoint,
@@ -205,8 +209,8 @@ impl Puller {
         let name = format!("{scheme}://{}/{}", endpoint.host, endpoint.repository);
         // kubelet's credentials are for the image's own registry; mirrors
         // and everything else get theirs from the auth file.
-        let auth = if !endpoint.is_mirror && !credentials.is_empty() {
-            credentials.to_registry_auth(image.domain())?
+        let login = if !endpoint.is_mirror && !credentials.is_empty() {
+            credentials.login(image.domain())?
         } else {
             let file_entry = self.auth_file.get(&endpoint.host).or_else(|| {
                 (!endpoint.is_mirror)
@@ -214,8 +218,8 @@ impl Puller {
                     .flatten()
             });
             match file_entry {
-                Some(creds) => creds.to_registry_auth(&endpoint.host)?,
-                None => RegistryAuth::Anonymous,
+                Some(creds) => creds.login(&endpoint.host)?,
+                None => Login::Ready(RegistryAuth::Anonymous),
             }
         };
         let client = Client::new(ClientConfig {
@@ -238,6 +242,17 @@ impl Puller {
                 endpoint: name.clone(),
                 message: format!("HTTP client: {e}"),
             })?;
+        let auth = match login {
+            Login::Ready(auth) => auth,
+            // Traded once per endpoint and pull: the access token is
+            // scoped to this repository, and a pull is one session.
+            Login::IdentityToken(identity_token) => {
+                match token::access_token(&http, endpoint, &identity_token).await? {
+                    Some(access_token) => RegistryAuth::Bearer(access_token),
+                    None => RegistryAuth::Anonymous,
+                }
+            }
+        };
         Ok(Session {
             endpoint,
             name,
@@ -681,43 +696,6 @@ async fn fetch_bounded_manifest(
         return Err(fail(format!("HTTP {status}: {}", registry_errors(&body))));
     }
     Ok(Bytes::from(body))
-}
-
-/// The `message`s of a registry's error body, or the start of the body.
-fn registry_errors(body: &[u8]) -> String {
-    #[derive(serde::Deserialize)]
-    struct Errors {
-        errors: Vec<ErrorItem>,
-    }
-    #[derive(serde::Deserialize)]
-    struct ErrorItem {
-        #[serde(default)]
-        code: String,
-        #[serde(default)]
-        message: String,
-    }
-    match serde_json::from_slice::<Errors>(body) {
-        Ok(errors) if !errors.errors.is_empty() => errors
-            .errors
-            .iter()
-            .map(|e| format!("{} ({})", e.message, e.code))
-            .collect::<Vec<_>>()
-            .join("; "),
-        _ => String::from_utf8_lossy(&body[..body.len().min(256)])
-            .trim()
-            .to_string(),
-    }
-}
-
-/// An error with its causes, so "error sending request" says why.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
 }
 
 /// The download's chunks, written to the content store as they are read.
