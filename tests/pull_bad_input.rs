@@ -15,10 +15,11 @@ mod fake_registry;
 use std::io::Write;
 use std::path::PathBuf;
 
+use base64::Engine as _;
 use common::{LOOPBACK_REGISTRY_CONFIG, Options, TestDaemon};
-use fake_registry::{FakeRegistry, Fault, hex_digest, sha256};
+use fake_registry::{FakeRegistry, Fault, TOKEN_SERVICE, hex_digest, sha256};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::{ImageSpec, PullImageRequest};
+use k8s_cri::v1::{AuthConfig, ImageSpec, PullImageRequest};
 use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
 
@@ -53,12 +54,21 @@ async fn pull(
     client: &mut ImageServiceClient<Channel>,
     reference: &str,
 ) -> Result<String, tonic::Status> {
+    pull_with_auth(client, reference, None).await
+}
+
+async fn pull_with_auth(
+    client: &mut ImageServiceClient<Channel>,
+    reference: &str,
+    auth: Option<AuthConfig>,
+) -> Result<String, tonic::Status> {
     client
         .pull_image(PullImageRequest {
             image: Some(ImageSpec {
                 image: reference.to_string(),
                 ..ImageSpec::default()
             }),
+            auth,
             ..PullImageRequest::default()
         })
         .await
@@ -546,6 +556,158 @@ async fn pull_without_credentials_from_registry_that_wants_them_is_unauthorized(
         "the error should say the registry refused: {err:?}"
     );
     assert_nothing_left(&daemon);
+}
+
+const IDENTITY_TOKEN: &str = "idt-7f3a91-refresh";
+const ACCESS_TOKEN: &str = "access-7f3a91";
+
+/// CRI credentials holding only an identity token.
+fn identity_token_auth(token: &str) -> Option<AuthConfig> {
+    Some(AuthConfig {
+        identity_token: token.to_string(),
+        ..AuthConfig::default()
+    })
+}
+
+/// The POSTs the token endpoint received: there must be exactly one, the
+/// OAuth2 refresh-token grant for pulling `name` with `IDENTITY_TOKEN`.
+fn assert_one_refresh_grant(registry: &FakeRegistry, name: &str) {
+    let posts: Vec<_> = registry
+        .token_requests()
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .collect();
+    assert_eq!(posts.len(), 1, "one token request per pull: {posts:?}");
+    let post = &posts[0];
+    let mut fields: Vec<(&str, &str)> = post
+        .form
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    fields.sort();
+    let scope = format!("repository:{name}:pull");
+    assert_eq!(
+        fields,
+        vec![
+            ("client_id", "berth"),
+            ("grant_type", "refresh_token"),
+            ("refresh_token", IDENTITY_TOKEN),
+            ("scope", scope.as_str()),
+            ("service", TOKEN_SERVICE),
+        ],
+        "no access_type: berth asks for no refresh token back"
+    );
+    assert_eq!(post.authorization, None, "the token is in the form only");
+}
+
+#[tokio::test]
+async fn pull_with_identity_token_trades_it_for_an_access_token() {
+    let registry = FakeRegistry::start().await;
+    let daemon = daemon();
+    let image = Image::new(vec![Layer::gzip(&tar_of(&[("secret", b"s")]))]);
+    let published = image.publish(&registry, "private/app", "1");
+    registry.require_token(IDENTITY_TOKEN, ACCESS_TOKEN);
+    let mut client = daemon.images().await;
+
+    // The registry does want a token: without credentials the pull fails.
+    pull_fails(&daemon, &published.reference, &[]).await;
+    assert_nothing_left(&daemon);
+
+    let id = pull_with_auth(
+        &mut client,
+        &published.reference,
+        identity_token_auth(IDENTITY_TOKEN),
+    )
+    .await
+    .expect("pull with an identity token");
+    assert_eq!(id, published.config_digest);
+    assert_one_refresh_grant(&registry, "private/app");
+}
+
+#[tokio::test]
+async fn pull_with_wrong_identity_token_fails_without_repeating_it() {
+    let registry = FakeRegistry::start().await;
+    let daemon = daemon();
+    let image = Image::new(vec![Layer::gzip(&tar_of(&[("secret", b"s")]))]);
+    let published = image.publish(&registry, "private/app", "1");
+    registry.require_token(IDENTITY_TOKEN, ACCESS_TOKEN);
+    let wrong = "idt-wrong-5e21c0";
+    let mut client = daemon.images().await;
+
+    let err = pull_with_auth(
+        &mut client,
+        &published.reference,
+        identity_token_auth(wrong),
+    )
+    .await
+    .expect_err("a wrong identity token");
+    // As a wrong password: the registry's verdict, kubelet's ErrImagePull.
+    assert_eq!(err.code(), tonic::Code::Unknown, "{err:?}");
+    let message = err.message();
+    for needle in [
+        published.reference.as_str(),
+        &format!("auth for {}", registry.address),
+        "fetch oauth token from",
+        // The POST's refusal, the service quoting the token redacted...
+        "POST answered HTTP 401 Unauthorized: refresh token <redacted> is not valid (invalid_grant)",
+        // ...and the GET fallback containerd makes after a 401.
+        "then GET answered HTTP 401 Unauthorized: only the oauth2 refresh token grant is accepted",
+    ] {
+        assert!(message.contains(needle), "should say {needle:?}: {message}");
+    }
+    assert!(
+        !message.contains(wrong),
+        "the token is never printed: {message}"
+    );
+    let methods: Vec<String> = registry
+        .token_requests()
+        .into_iter()
+        .map(|r| r.method)
+        .collect();
+    assert_eq!(methods, ["POST", "GET"]);
+    let get = &registry.token_requests()[1];
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!(":{wrong}"));
+    assert_eq!(get.authorization, Some(format!("Basic {basic}")));
+    assert_eq!(
+        get.query,
+        [
+            ("service".to_string(), TOKEN_SERVICE.to_string()),
+            (
+                "scope".to_string(),
+                "repository:private/app:pull".to_string()
+            ),
+        ]
+    );
+    assert_nothing_left(&daemon);
+}
+
+#[tokio::test]
+async fn pull_with_identity_token_from_the_auth_file() {
+    let registry = FakeRegistry::start().await;
+    let config_dir = tempfile::tempdir().expect("tempdir");
+    let auth_file = config_dir.path().join("auth.json");
+    // What `docker login` writes for a token service: the identity token
+    // beside an `auth` of "<user>:" without a password.
+    let user_only =
+        base64::engine::general_purpose::STANDARD.encode("00000000-0000-0000-0000-000000000000:");
+    let auths = serde_json::json!({
+        "auths": { registry.address.clone(): { "auth": user_only, "identitytoken": IDENTITY_TOKEN } }
+    });
+    std::fs::write(&auth_file, auths.to_string()).expect("write auth.json");
+    let daemon = daemon_with(&format!(
+        "auth_file = {}\n",
+        toml::Value::String(auth_file.display().to_string())
+    ));
+    let image = Image::new(vec![Layer::gzip(&tar_of(&[("secret", b"s")]))]);
+    let published = image.publish(&registry, "team/private", "2");
+    registry.require_token(IDENTITY_TOKEN, ACCESS_TOKEN);
+
+    let mut client = daemon.images().await;
+    let id = pull(&mut client, &published.reference)
+        .await
+        .expect("pull with the auth file's identity token");
+    assert_eq!(id, published.config_digest);
+    assert_one_refresh_grant(&registry, "team/private");
 }
 
 #[tokio::test]
