@@ -209,25 +209,17 @@ async fn rpcs_not_built_yet_answer_unimplemented() {
     let mut runtime = daemon.runtime().await;
     let errors = [
         runtime
-            .exec(ExecRequest::default())
-            .await
-            .expect_err("Exec"),
-        runtime
-            .attach(AttachRequest::default())
-            .await
-            .expect_err("Attach"),
-        runtime
             .list_metric_descriptors(ListMetricDescriptorsRequest::default())
             .await
             .expect_err("ListMetricDescriptors"),
         runtime
+            .list_pod_sandbox_metrics(ListPodSandboxMetricsRequest::default())
+            .await
+            .expect_err("ListPodSandboxMetrics"),
+        runtime
             .checkpoint_container(CheckpointContainerRequest::default())
             .await
             .expect_err("CheckpointContainer"),
-        runtime
-            .port_forward(PortForwardRequest::default())
-            .await
-            .expect_err("PortForward"),
     ];
     for err in errors {
         assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
