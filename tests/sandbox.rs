@@ -909,9 +909,24 @@ async fn overhead_and_resources_limit_the_pod_cgroup_berth_makes() {
             (160u64 << 20).to_string()
         );
     }
-    // The infra process (a shared PID namespace) is inside those limits.
-    let procs = cgroup.read("memory", "cgroup.procs", "cgroup.procs");
-    assert!(!procs.is_empty(), "the infra process is in the pod cgroup");
+    // The infra process (a shared PID namespace) is inside those limits,
+    // in a cgroup of its own under the pod's (cgroup v2 allows no processes
+    // beside child cgroups that have controllers), with the pause
+    // container's CPU shares.
+    let infra_procs = format!("{id}/cgroup.procs");
+    let procs = cgroup.read("memory", &infra_procs, &infra_procs);
+    assert!(
+        !procs.trim().is_empty(),
+        "the infra process is in its cgroup"
+    );
+    let pod_procs = cgroup.read("memory", "cgroup.procs", "cgroup.procs");
+    assert!(
+        pod_procs.trim().is_empty(),
+        "nothing in the pod cgroup itself: {pod_procs:?}"
+    );
+    if !cgroup_v2_only() {
+        assert_eq!(cgroup.read("cpu", &format!("{id}/cpu.shares"), ""), "2");
+    }
 
     stopp(&mut client, &id).await;
     rmp(&mut client, &id).await;

@@ -102,6 +102,10 @@ pub struct PodRecord {
     /// share (`namespace_options.pid = POD`).
     #[serde(default)]
     pub infra_pid: Option<u32>,
+    /// The infra process's own cgroup under the pod cgroup (the cgroup
+    /// parent it was made under), as containerd's pause container has one.
+    #[serde(default)]
+    pub infra_cgroup: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -173,6 +177,9 @@ pub struct SandboxManager {
     cgroups: Option<CgroupManager>,
     locks: KeyedLocks,
 }
+
+/// containerd's `DefaultSandboxCPUshares`: the pause process only reaps.
+const INFRA_CPU_SHARES: u64 = 2;
 
 /// A fresh pod id.
 fn new_pod_id() -> Result<String, SandboxError> {
@@ -276,6 +283,7 @@ impl SandboxManager {
             created_cgroup: None,
             shm: None,
             infra_pid: None,
+            infra_cgroup: None,
             config,
         };
         self.reserve_name(&pod).await?;
@@ -391,7 +399,7 @@ impl SandboxManager {
                 .into_iter()
                 .filter_map(|kind| pod.namespace_path(kind).map(|p| (kind, p)))
                 .collect();
-            let procs = self.pod_cgroup_procs(pod);
+            let procs = self.infra_cgroup(pod).await?;
             let paths = infra::InfraPaths::new(&dir, &self.state_dir, &pod.id);
             pod.infra_pid = Some(infra::start(&paths, &pod.id, &pins, procs).await?);
             self.put(pod).await?;
@@ -430,6 +438,10 @@ impl SandboxManager {
             }
         })
         .await??;
+        if let (Some(cgroups), Some(parent)) = (&self.cgroups, &pod.infra_cgroup) {
+            let path = cgroups.container_path(parent, &pod.id)?;
+            cgroups.open(&path).delete()?;
+        }
         if let (Some(cgroups), Some(parent)) = (&self.cgroups, &pod.created_cgroup) {
             let path = cgroups.pod_path(parent)?;
             cgroups.open(&path).delete()?;
@@ -470,19 +482,42 @@ impl SandboxManager {
         Ok(())
     }
 
-    /// The pod cgroup's `cgroup.procs` files, when the pod has a cgroup.
-    fn pod_cgroup_procs(&self, pod: &PodRecord) -> Vec<PathBuf> {
+    /// Makes the infra process's cgroup, `<pod cgroup>/<pod id>`, and
+    /// returns its `cgroup.procs` files (none when the pod has no cgroup).
+    /// Not the pod cgroup itself: on cgroup v2 a cgroup with processes of
+    /// its own cannot enable controllers for its children, so the
+    /// containers' cgroups under it would get no limits. Its CPU shares are
+    /// containerd's for the pause container (2): it only reaps.
+    async fn infra_cgroup(&self, pod: &mut PodRecord) -> Result<Vec<PathBuf>, SandboxError> {
         let parent = pod.cgroup_parent();
-        match &self.cgroups {
-            Some(cgroups) if !parent.is_empty() => cgroups
-                .pod_path(&parent)
-                .map(|p| cgroups.open(&p).procs_files())
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|f| f.exists())
-                .collect(),
-            _ => Vec::new(),
+        let Some(cgroups) = self.cgroups.clone() else {
+            return Ok(Vec::new());
+        };
+        if parent.is_empty() {
+            return Ok(Vec::new());
         }
+        let path = cgroups.container_path(&parent, &pod.id)?;
+        // Recorded first: a crash while it is made still has teardown
+        // remove it.
+        pod.infra_cgroup = Some(parent);
+        self.put(pod).await?;
+        let shares = oci_spec::runtime::LinuxResourcesBuilder::default()
+            .cpu(
+                oci_spec::runtime::LinuxCpuBuilder::default()
+                    .shares(INFRA_CPU_SHARES)
+                    .build()
+                    .expect("a shares-only cpu block is valid"),
+            )
+            .build()
+            .expect("a cpu-only resources block is valid");
+        let cgroup = blocking(move || cgroups.create(&path, Some(&shares)))
+            .await?
+            .map_err(|e| pod_cgroup_error(e, &pod.config))?;
+        Ok(cgroup
+            .procs_files()
+            .into_iter()
+            .filter(|f| f.exists())
+            .collect())
     }
 
     pub fn network(&self) -> &Arc<Network> {
