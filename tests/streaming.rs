@@ -408,6 +408,41 @@ async fn sleeper(rig: &mut Rig, name: &str) -> String {
     rig.run(&pod, container(name, &busybox, SLEEPER)).await
 }
 
+/// A pod with its own network namespace running busybox httpd on `port`,
+/// serving `body` as /index.html; returns (pod, container) once it listens.
+async fn httpd_pod(rig: &mut Rig, name: &str, port: u16, body: &str) -> (String, String) {
+    let busybox = rig.pull("busybox").await;
+    let own_network = NamespaceOption {
+        network: NamespaceMode::Pod as i32,
+        ..namespaces()
+    };
+    let mut pod_config = rig.pod_config(name);
+    if let Some(linux) = pod_config.linux.as_mut()
+        && let Some(sc) = linux.security_context.as_mut()
+    {
+        sc.namespace_options = Some(own_network.clone());
+    }
+    let pod = rig.run_pod(pod_config).await;
+    let script = format!(
+        "mkdir -p /www && echo {body} > /www/index.html && exec httpd -f -p {port} -h /www"
+    );
+    let mut config = container("httpd", &busybox, &["sh", "-c", &script]);
+    if let Some(linux) = config.linux.as_mut()
+        && let Some(sc) = linux.security_context.as_mut()
+    {
+        sc.namespace_options = Some(own_network);
+    }
+    let id = rig.run(&pod, config).await;
+    // httpd listens once the shell got to exec it.
+    let listening = format!("netstat -ltn | grep -q :{port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while rig.exec(&id, &["sh", "-c", &listening]).await.0 != 0 {
+        assert!(std::time::Instant::now() < deadline, "httpd never listened");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (pod, id)
+}
+
 // ---------------------------------------------------------------- tests
 
 #[tokio::test]
@@ -593,44 +628,7 @@ async fn websocket_port_forward_reaches_a_server_in_the_pods_network_namespace()
     let Some(mut rig) = Rig::start().await else {
         return;
     };
-    let busybox = rig.pull("busybox").await;
-    let mut pod_config = rig.pod_config("wspf");
-    let own_network = NamespaceOption {
-        network: NamespaceMode::Pod as i32,
-        ..namespaces()
-    };
-    if let Some(linux) = pod_config.linux.as_mut()
-        && let Some(sc) = linux.security_context.as_mut()
-    {
-        sc.namespace_options = Some(own_network.clone());
-    }
-    let pod = rig.run_pod(pod_config).await;
-    let mut config = container(
-        "httpd",
-        &busybox,
-        &[
-            "sh",
-            "-c",
-            "mkdir -p /www && echo hello-from-the-pod > /www/index.html && exec httpd -f -p 8080 -h /www",
-        ],
-    );
-    if let Some(linux) = config.linux.as_mut()
-        && let Some(sc) = linux.security_context.as_mut()
-    {
-        sc.namespace_options = Some(own_network);
-    }
-    let id = rig.run(&pod, config).await;
-    // httpd listens once the shell got to exec it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while rig
-        .exec(&id, &["sh", "-c", "netstat -ltn | grep -q :8080"])
-        .await
-        .0
-        != 0
-    {
-        assert!(std::time::Instant::now() < deadline, "httpd never listened");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (pod, _) = httpd_pod(&mut rig, "wspf", 8080, "hello-from-the-pod").await;
     let url = port_forward_url(&rig, &pod, &[8080]).await;
     let mut ws = Ws::open(&url, &["v4.channel.k8s.io"])
         .await
@@ -1049,43 +1047,7 @@ async fn spdy_port_forward_pairs_streams_by_request_id() {
     let Some(mut rig) = Rig::start().await else {
         return;
     };
-    let busybox = rig.pull("busybox").await;
-    let mut pod_config = rig.pod_config("spdypf");
-    let own_network = NamespaceOption {
-        network: NamespaceMode::Pod as i32,
-        ..namespaces()
-    };
-    if let Some(linux) = pod_config.linux.as_mut()
-        && let Some(sc) = linux.security_context.as_mut()
-    {
-        sc.namespace_options = Some(own_network.clone());
-    }
-    let pod = rig.run_pod(pod_config).await;
-    let mut config = container(
-        "httpd",
-        &busybox,
-        &[
-            "sh",
-            "-c",
-            "mkdir -p /www && echo spdy-forwarded > /www/index.html && exec httpd -f -p 8081 -h /www",
-        ],
-    );
-    if let Some(linux) = config.linux.as_mut()
-        && let Some(sc) = linux.security_context.as_mut()
-    {
-        sc.namespace_options = Some(own_network);
-    }
-    let id = rig.run(&pod, config).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while rig
-        .exec(&id, &["sh", "-c", "netstat -ltn | grep -q :8081"])
-        .await
-        .0
-        != 0
-    {
-        assert!(std::time::Instant::now() < deadline, "httpd never listened");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (pod, _) = httpd_pod(&mut rig, "spdypf", 8081, "spdy-forwarded").await;
     let url = port_forward_url(&rig, &pod, &[]).await;
     let (mut spdy, protocol) = Spdy::open(&url, &["portforward.k8s.io"])
         .await
