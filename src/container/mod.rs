@@ -184,6 +184,10 @@ struct ExecTarget {
 pub struct ContainerUsage {
     pub timestamp: i64,
     pub cgroup: Option<crate::executor::cgroups::CgroupStats>,
+    /// Processes the kernel's OOM killer killed in the container's cgroup;
+    /// `None` where the kernel keeps no count (before 4.13, or no memory
+    /// controller).
+    pub oom_kills: Option<u64>,
     pub nano_cores: Option<u64>,
     pub writable_layer: crate::image::store::DiskUsage,
     pub writable_layer_mount: PathBuf,
@@ -926,12 +930,17 @@ impl ContainerManager {
             _ => None,
         };
         let (snapshots, id) = (self.snapshots.clone(), container.id.clone());
-        let (stats, writable) = blocking(move || {
-            let stats = cgroup.map(|c| c.stats()).transpose();
-            (stats, snapshots.usage(&id))
+        let (read, writable) = blocking(move || {
+            let read = cgroup
+                .map(|c| Ok::<_, CgroupError>((c.stats()?, oom_kills(&c)?)))
+                .transpose();
+            (read, snapshots.usage(&id))
         })
         .await?;
-        let stats = stats?;
+        let (stats, oom_kills) = match read? {
+            Some((stats, oom_kills)) => (Some(stats), oom_kills),
+            None => (None, None),
+        };
         let timestamp = now_ns();
         let nano_cores = stats.as_ref().and_then(|s| s.cpu.as_ref()).and_then(|cpu| {
             let mut samples = self.cpu_samples.lock().unwrap_or_else(|p| p.into_inner());
@@ -945,6 +954,7 @@ impl ContainerManager {
         Ok(ContainerUsage {
             timestamp,
             cgroup: stats,
+            oom_kills,
             nano_cores,
             writable_layer: writable.unwrap_or_default(),
             writable_layer_mount: self.images.root().to_path_buf(),
@@ -970,6 +980,18 @@ impl ContainerManager {
 
     pub fn cgroups(&self) -> Option<&CgroupManager> {
         self.cgroups.as_ref()
+    }
+}
+
+/// The cgroup's OOM kill count, or `None` where the kernel keeps none: a
+/// count that cannot exist is left out of stats, never reported as 0.
+fn oom_kills(cgroup: &crate::executor::cgroups::Cgroup) -> Result<Option<u64>, CgroupError> {
+    match cgroup.oom_kill_count() {
+        Ok(count) => Ok(Some(count)),
+        Err(CgroupError::NoOomKillCounter { .. } | CgroupError::MissingController { .. }) => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -147,9 +147,13 @@ pub struct PodNetworkStatus {
 pub struct InterfaceStats {
     pub name: String,
     pub rx_bytes: u64,
+    pub rx_packets: u64,
     pub rx_errors: u64,
+    pub rx_dropped: u64,
     pub tx_bytes: u64,
+    pub tx_packets: u64,
     pub tx_errors: u64,
+    pub tx_dropped: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

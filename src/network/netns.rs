@@ -96,7 +96,7 @@ pub async fn interface_stats(path: &Path) -> Result<Vec<InterfaceStats>, Network
 }
 
 /// `/proc/net/dev`: two header lines, then `name: rx_bytes rx_packets
-/// rx_errs … (8 rx fields) tx_bytes tx_packets tx_errs …`.
+/// rx_errs rx_drop … (8 rx fields) tx_bytes tx_packets tx_errs tx_drop …`.
 pub fn parse_net_dev(text: &str) -> Vec<InterfaceStats> {
     text.lines()
         .skip(2)
@@ -110,15 +110,19 @@ pub fn parse_net_dev(text: &str) -> Vec<InterfaceStats> {
                 .split_whitespace()
                 .map(|v| v.parse().unwrap_or(0))
                 .collect();
-            if n.len() < 11 {
+            if n.len() < 12 {
                 return None;
             }
             Some(InterfaceStats {
                 name: name.to_string(),
                 rx_bytes: n[0],
+                rx_packets: n[1],
                 rx_errors: n[2],
+                rx_dropped: n[3],
                 tx_bytes: n[8],
+                tx_packets: n[9],
                 tx_errors: n[10],
+                tx_dropped: n[11],
             })
         })
         .collect()
@@ -133,16 +137,20 @@ mod tests {
         let text = "Inter-|   Receive                                                |  Transmit
  face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
     lo:     100       1    0    0    0     0          0         0      100       1    0    0    0     0       0          0
-  eth0:    5000      40    2    0    0     0          0         0     7000      50    3    0    0     0       0          0
+  eth0:    5000      40    2    1    0     0          0         0     7000      50    3    4    0     0       0          0
 ";
         assert_eq!(
             parse_net_dev(text),
             vec![InterfaceStats {
                 name: "eth0".to_string(),
                 rx_bytes: 5000,
+                rx_packets: 40,
                 rx_errors: 2,
+                rx_dropped: 1,
                 tx_bytes: 7000,
+                tx_packets: 50,
                 tx_errors: 3,
+                tx_dropped: 4,
             }]
         );
     }

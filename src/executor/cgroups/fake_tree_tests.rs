@@ -308,8 +308,12 @@ fn hybrid_host_writes_each_file_in_its_own_hierarchy() {
         (5_000_000_000, 4_000_000_000, 1_000_000_000)
     );
     assert_eq!(
-        (cpu.periods, cpu.throttled_periods, cpu.throttled_ns),
-        (10, 3, 4_500_000)
+        cpu.throttling,
+        Some(CpuThrottling {
+            periods: 10,
+            throttled_periods: 3,
+            throttled_ns: 4_500_000,
+        })
     );
     let memory = stats.memory.expect("memory");
     assert_eq!(memory.working_set_bytes, 1_118_208 - 270_336);
@@ -499,6 +503,15 @@ fn unified_host_writes_v2_files() {
     assert_eq!(
         (cpu.usage_ns, cpu.user_ns, cpu.system_ns),
         (1_500_000, 1_000_000, 500_000)
+    );
+    assert_eq!(
+        cpu.throttling,
+        Some(CpuThrottling {
+            periods: 4,
+            throttled_periods: 1,
+            throttled_ns: 20_000,
+        }),
+        "v2 throttled_usec is in microseconds"
     );
     let memory = stats.memory.expect("memory");
     assert_eq!(memory.working_set_bytes, 7_340_032 - 1_081_344);

@@ -44,7 +44,7 @@ use std::path::PathBuf;
 pub use self::cgroup::{Cgroup, CgroupGuard, CgroupManager};
 pub use self::layout::{CgroupLayout, CgroupMode, REQUIRED_CONTROLLERS};
 pub use self::path::CgroupPath;
-pub use self::stats::{CgroupStats, CpuStats, MemoryStats, PidsStats};
+pub use self::stats::{CgroupStats, CpuStats, CpuThrottling, MemoryStats, PidsStats};
 pub use crate::config::CgroupDriver;
 
 #[derive(Debug, thiserror::Error)]

@@ -23,8 +23,17 @@ pub struct CpuStats {
     pub usage_ns: u64,
     pub user_ns: u64,
     pub system_ns: u64,
-    /// CFS periods elapsed, periods throttled and time throttled (0 when the
-    /// cpu controller is not there).
+    /// `None` when the kernel keeps no CFS bandwidth counters for the
+    /// cgroup: no v1 cpu controller, or v2 without `cpu` enabled in the
+    /// parent's `cgroup.subtree_control` (`cpu.stat` then has only the
+    /// usage lines).
+    pub throttling: Option<CpuThrottling>,
+}
+
+/// CFS bandwidth counters: periods elapsed, periods throttled, time
+/// throttled.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CpuThrottling {
     pub periods: u64,
     pub throttled_periods: u64,
     pub throttled_ns: u64,
@@ -39,6 +48,9 @@ pub struct MemoryStats {
     pub rss_bytes: u64,
     /// Page cache: v1 `total_cache`, v2 `file`.
     pub cache_bytes: u64,
+    /// Page cache mapped into processes: v1 `total_mapped_file`, v2
+    /// `file_mapped`; `None` if the kernel's `memory.stat` lacks the line.
+    pub mapped_file_bytes: Option<u64>,
     pub page_faults: u64,
     pub major_page_faults: u64,
     /// `None` when swap accounting is off.
@@ -114,13 +126,21 @@ fn cpu(dirs: Dirs<'_>) -> Result<Option<CpuStats>, CgroupError> {
         None => return Ok(None),
     };
     if let Some((dir, Version::V1)) = dirs.get(&Controller::Cpu) {
-        let kv_text = read_file(&dir.join("cpu.stat"))?;
-        let kv = flat_keyed(&kv_text);
-        stats.periods = kv.get("nr_periods").copied().unwrap_or(0);
-        stats.throttled_periods = kv.get("nr_throttled").copied().unwrap_or(0);
-        stats.throttled_ns = kv.get("throttled_time").copied().unwrap_or(0);
+        // v1 `throttled_time` is in nanoseconds already.
+        stats.throttling = throttling(&read_file(&dir.join("cpu.stat"))?, "throttled_time", 1);
     }
     Ok(Some(stats))
+}
+
+/// The CFS counters of a `cpu.stat`, if it has them; `time_key` is in
+/// units of `ns_per_unit` nanoseconds.
+fn throttling(text: &str, time_key: &str, ns_per_unit: u64) -> Option<CpuThrottling> {
+    let kv = flat_keyed(text);
+    Some(CpuThrottling {
+        periods: *kv.get("nr_periods")?,
+        throttled_periods: kv.get("nr_throttled").copied().unwrap_or(0),
+        throttled_ns: kv.get(time_key).copied().unwrap_or(0) * ns_per_unit,
+    })
 }
 
 /// v2 `cpu.stat`: everything in microseconds.
@@ -131,9 +151,7 @@ pub fn cpu_stat_v2(text: &str) -> CpuStats {
         usage_ns: get("usage_usec") * 1000,
         user_ns: get("user_usec") * 1000,
         system_ns: get("system_usec") * 1000,
-        periods: get("nr_periods"),
-        throttled_periods: get("nr_throttled"),
-        throttled_ns: get("throttled_usec") * 1000,
+        throttling: throttling(text, "throttled_usec", 1000),
     }
 }
 
@@ -171,6 +189,7 @@ pub fn memory_v1(usage: u64, limit: u64, stat: &str) -> MemoryStats {
         working_set_bytes: usage.saturating_sub(get("total_inactive_file")),
         rss_bytes: get("total_rss"),
         cache_bytes: get("total_cache"),
+        mapped_file_bytes: kv.get("total_mapped_file").copied(),
         page_faults: get("total_pgfault"),
         major_page_faults: get("total_pgmajfault"),
         // Present only with swap accounting.
@@ -188,6 +207,7 @@ pub fn memory_v2(usage: u64, limit: Option<u64>, swap: Option<u64>, stat: &str) 
         working_set_bytes: usage.saturating_sub(get("inactive_file")),
         rss_bytes: get("anon"),
         cache_bytes: get("file"),
+        mapped_file_bytes: kv.get("file_mapped").copied(),
         page_faults: get("pgfault"),
         major_page_faults: get("pgmajfault"),
         swap_bytes: swap,
@@ -368,8 +388,33 @@ burst_usec 0
         assert_eq!(c.usage_ns, 1_234_567_000);
         assert_eq!(c.user_ns, 1_000_000_000);
         assert_eq!(c.system_ns, 234_567_000);
-        assert_eq!((c.periods, c.throttled_periods), (120, 14));
-        assert_eq!(c.throttled_ns, 700_500_000);
+        assert_eq!(
+            c.throttling,
+            Some(CpuThrottling {
+                periods: 120,
+                throttled_periods: 14,
+                throttled_ns: 700_500_000,
+            })
+        );
+    }
+
+    #[test]
+    fn v2_cpu_stat_without_the_cpu_controller_has_no_throttling() {
+        // What a cgroup whose parent does not enable `cpu` shows.
+        let c = cpu_stat_v2("usage_usec 2000\nuser_usec 1500\nsystem_usec 500\n");
+        assert_eq!(c.usage_ns, 2_000_000);
+        assert_eq!(c.throttling, None, "absent, not zero");
+    }
+
+    #[test]
+    fn mapped_file_is_read_where_the_kernel_reports_it() {
+        let v1 = memory_v1(1_118_208, 67_108_864, "total_mapped_file 135168\n");
+        assert_eq!(v1.mapped_file_bytes, Some(135_168));
+        assert_eq!(
+            memory_v2(7_340_032, None, None, MEMORY_STAT_V2).mapped_file_bytes,
+            Some(933_888)
+        );
+        assert_eq!(memory_v2(1, None, None, "anon 1\n").mapped_file_bytes, None);
     }
 
     #[test]
