@@ -204,30 +204,52 @@ async fn update_runtime_config_keeps_the_pod_cidr_across_restarts() {
 }
 
 #[tokio::test]
-async fn rpcs_not_built_yet_answer_unimplemented() {
+async fn checkpoint_container_answers_unimplemented_with_a_sentence() {
     let daemon = TestDaemon::start();
     let mut runtime = daemon.runtime().await;
-    let errors = [
-        runtime
-            .list_metric_descriptors(ListMetricDescriptorsRequest::default())
-            .await
-            .expect_err("ListMetricDescriptors"),
-        runtime
-            .list_pod_sandbox_metrics(ListPodSandboxMetricsRequest::default())
-            .await
-            .expect_err("ListPodSandboxMetrics"),
-        runtime
-            .checkpoint_container(CheckpointContainerRequest::default())
-            .await
-            .expect_err("CheckpointContainer"),
-    ];
-    for err in errors {
-        assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
-        assert!(
-            err.message().contains("berth"),
-            "a sentence, not a bare code: {err:?}"
+    let err = runtime
+        .checkpoint_container(CheckpointContainerRequest::default())
+        .await
+        .expect_err("CheckpointContainer");
+    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
+    assert!(
+        err.message().contains("berth"),
+        "a sentence, not a bare code: {err:?}"
+    );
+}
+
+#[tokio::test]
+async fn metric_descriptors_are_listed_and_no_pods_means_no_metrics() {
+    let daemon = TestDaemon::start();
+    let mut runtime = daemon.runtime().await;
+    let descriptors = runtime
+        .list_metric_descriptors(ListMetricDescriptorsRequest::default())
+        .await
+        .expect("ListMetricDescriptors")
+        .into_inner()
+        .descriptors;
+    for name in [
+        "container_cpu_usage_seconds_total",
+        "container_memory_working_set_bytes",
+        "container_network_receive_bytes_total",
+    ] {
+        let d = descriptors
+            .iter()
+            .find(|d| d.name == name)
+            .unwrap_or_else(|| panic!("no descriptor {name}: {descriptors:?}"));
+        assert_eq!(
+            d.label_keys[..5],
+            ["id", "image", "namespace", "pod", "container"],
+            "{name}"
         );
     }
+    let pods = runtime
+        .list_pod_sandbox_metrics(ListPodSandboxMetricsRequest::default())
+        .await
+        .expect("ListPodSandboxMetrics")
+        .into_inner()
+        .pod_metrics;
+    assert!(pods.is_empty(), "{pods:?}");
 }
 
 #[test]

@@ -15,15 +15,6 @@ use crate::sandbox::SandboxError;
 use crate::store::StoreError;
 use crate::streaming::TokenError;
 
-/// An RPC whose capability is not built yet. CRI clients treat
-/// `Unimplemented` as "this runtime cannot do that", which is the truth;
-/// a fake success would make kubelet believe a pod exists.
-pub fn not_built(rpc: &str, capability: &str) -> Status {
-    Status::unimplemented(format!(
-        "{rpc} is not implemented by berth yet: it comes with {capability}"
-    ))
-}
-
 /// A field of a request that cannot be accepted as sent.
 pub fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {message}"))

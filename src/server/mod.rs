@@ -4,6 +4,7 @@
 mod container;
 mod error;
 mod image;
+mod metrics;
 mod runtime;
 mod sandbox;
 mod stats;

@@ -1,6 +1,6 @@
 //! `runtime.v1.RuntimeService`: runtime-wide RPCs answered here; pod,
-//! container and streaming RPCs answer `Unimplemented` until their modules
-//! exist.
+//! container, stats, metrics and streaming RPCs handed to the file of
+//! their group.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -11,8 +11,8 @@ use k8s_cri::v1::*;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::error::{invalid, not_built};
-use super::{container, sandbox, stats, streaming};
+use super::error::invalid;
+use super::{container, metrics, sandbox, stats, streaming};
 use crate::config::CgroupDriver as ConfigCgroupDriver;
 use crate::daemon::Daemon;
 use crate::network::Readiness;
@@ -21,8 +21,6 @@ use crate::network::Readiness;
 const KUBE_API_VERSION: &str = "0.1.0";
 const RUNTIME_NAME: &str = "berth";
 const RUNTIME_API_VERSION: &str = "v1";
-
-const STATS: &str = "container and pod statistics";
 
 pub struct Runtime {
     daemon: Arc<Daemon>,
@@ -438,14 +436,18 @@ impl RuntimeService for Runtime {
         &self,
         _request: Request<ListMetricDescriptorsRequest>,
     ) -> Result<Response<ListMetricDescriptorsResponse>, Status> {
-        Err(not_built("ListMetricDescriptors", STATS))
+        Ok(Response::new(ListMetricDescriptorsResponse {
+            descriptors: metrics::descriptors(),
+        }))
     }
 
     async fn list_pod_sandbox_metrics(
         &self,
         _request: Request<ListPodSandboxMetricsRequest>,
     ) -> Result<Response<ListPodSandboxMetricsResponse>, Status> {
-        Err(not_built("ListPodSandboxMetrics", STATS))
+        Ok(Response::new(ListPodSandboxMetricsResponse {
+            pod_metrics: metrics::list(&self.daemon).await?,
+        }))
     }
 }
 
