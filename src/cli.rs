@@ -1,7 +1,8 @@
 //! Command-line interface: parses arguments and calls the module that does
 //! the work.
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -133,6 +134,9 @@ impl Cli {
 }
 
 pub fn run() -> ExitCode {
+    if let Some(config) = monitor_invocation(std::env::args_os()) {
+        return run_monitor(&config);
+    }
     let cli = Cli::parse();
     match dispatch(&cli) {
         Ok(code) => code,
@@ -142,6 +146,29 @@ pub fn run() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The config path when the arguments are exactly `monitor --config PATH`,
+/// as `monitor::spawn` starts every monitor. That command runs once per
+/// container and must stay small, so it skips clap: building the parser for
+/// every subcommand (`bench` included) costs a monitor heap, stack and code
+/// pages it keeps for its whole life. Any other spelling goes through clap
+/// and reaches the same `run_monitor`.
+fn monitor_invocation(mut args: impl Iterator<Item = OsString>) -> Option<PathBuf> {
+    let _argv0 = args.next()?;
+    let (Some(command), Some(flag), Some(path), None) =
+        (args.next(), args.next(), args.next(), args.next())
+    else {
+        return None;
+    };
+    (command == "monitor" && flag == "--config" && !path.is_empty()).then(|| PathBuf::from(path))
+}
+
+fn run_monitor(config: &Path) -> ExitCode {
+    // Logs go to the monitor's stderr (its own log file); the subscriber
+    // starts no thread, so the monitor stays single-threaded.
+    crate::logging::init(LogLevel::Info, LogFormat::Text);
+    crate::monitor::run(config)
 }
 
 fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
@@ -176,10 +203,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                 .config
                 .as_deref()
                 .context("monitor needs --config <bundle>/monitor.json")?;
-            // Logs go to the monitor's stderr (its own log file); the
-            // subscriber starts no thread, so the monitor stays single-threaded.
-            crate::logging::init(LogLevel::Info, LogFormat::Text);
-            Ok(crate::monitor::run(path))
+            Ok(run_monitor(path))
         }
         Command::ExecHelper(args) => {
             let code = crate::container::exec::helper_main(
@@ -227,6 +251,55 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             println!("berth {}", env!("CARGO_PKG_VERSION"));
             println!("CRI API v1");
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> std::vec::IntoIter<OsString> {
+        list.iter()
+            .map(OsString::from)
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn monitor_skips_clap_only_in_the_form_spawn_uses() {
+        assert_eq!(
+            monitor_invocation(args(&[
+                "/proc/self/exe",
+                "monitor",
+                "--config",
+                "/b/m.json"
+            ])),
+            Some(PathBuf::from("/b/m.json"))
+        );
+        for other in [
+            &["berth", "--config", "/b/m.json", "monitor"][..],
+            &["berth", "monitor", "--config=/b/m.json"],
+            &["berth", "monitor", "--config", "/b/m.json", "--help"],
+            &["berth", "monitor", "--config", ""],
+            &["berth", "monitor"],
+            &["berth", "serve", "--config", "/etc/berth/config.toml"],
+            &[],
+        ] {
+            assert_eq!(monitor_invocation(args(other)), None, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn clap_still_parses_every_monitor_form() {
+        for form in [
+            &["berth", "monitor", "--config", "/b/m.json"][..],
+            &["berth", "--config", "/b/m.json", "monitor"],
+            &["berth", "monitor", "--config=/b/m.json"],
+        ] {
+            let cli = Cli::try_parse_from(form).expect("parses");
+            assert!(matches!(cli.command, Command::Monitor), "{form:?}");
+            assert_eq!(cli.config, Some(PathBuf::from("/b/m.json")));
         }
     }
 }
