@@ -167,7 +167,7 @@ fn monitor_invocation(mut args: impl Iterator<Item = OsString>) -> Option<PathBu
 fn run_monitor(config: &Path) -> ExitCode {
     // Logs go to the monitor's stderr (its own log file); the subscriber
     // starts no thread, so the monitor stays single-threaded.
-    crate::logging::init(LogLevel::Info, LogFormat::Text);
+    crate::logging::init_monitor();
     crate::monitor::run(config)
 }
 
