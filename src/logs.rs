@@ -28,6 +28,18 @@ pub const MAX_LINE: usize = 16 * 1024;
 /// written, before it drops records.
 pub const DEFAULT_PENDING_LIMIT: usize = 128 * 1024;
 
+/// What a record adds to its message: timestamp, stream, tag, three spaces
+/// and the newline.
+const RECORD_OVERHEAD: usize = TIMESTAMP_LEN + 1 + "stdout".len() + 3 + 1;
+
+/// While the file takes writes, [`LogWriter`] writes its records out before
+/// they would exceed this many bytes (and at the end of every `write`): one
+/// record of the longest line. One read of short lines encodes to several
+/// times its size (each line gets a timestamp, stream and tag), and the
+/// buffer stays allocated for the writer's life (one per container monitor):
+/// writing in batches keeps it at this size, allocated once.
+pub const WRITE_BATCH: usize = MAX_LINE + RECORD_OVERHEAD;
+
 /// Length of the timestamp we write: `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`.
 const TIMESTAMP_LEN: usize = 30;
 
@@ -176,7 +188,7 @@ impl LogWriter {
             path: path.to_path_buf(),
             file: open_log(path)?,
             framers: [LineFramer::new(), LineFramer::new()],
-            pending: Vec::new(),
+            pending: Vec::with_capacity(WRITE_BATCH.min(pending_limit)),
             pending_limit,
             dropped_records: 0,
             failing: false,
@@ -247,6 +259,10 @@ impl LogWriter {
             }
         }
         self.pending.drain(..written);
+        if self.pending.is_empty() && self.pending.capacity() > WRITE_BATCH {
+            // A failure let it grow towards `pending_limit`: give that back.
+            self.pending = Vec::with_capacity(WRITE_BATCH.min(self.pending_limit));
+        }
         if self.pending.is_empty() && self.failing {
             tracing::info!(path = %self.path.display(), dropped_records = self.dropped_records,
                 "container log writable again");
@@ -257,6 +273,11 @@ impl LogWriter {
 
     fn record(&mut self, timestamp: &[u8], stream: Stream, tag: Tag, msg: &[u8]) {
         let len = timestamp.len() + 1 + stream.as_str().len() + 3 + msg.len() + 1;
+        // While the file fails, records only accumulate (one write attempt
+        // per `write`, not per record) up to `pending_limit`.
+        if !self.failing && !self.pending.is_empty() && self.pending.len() + len > WRITE_BATCH {
+            self.flush();
+        }
         if self.pending.len() + len > self.pending_limit {
             self.flush();
             if self.pending.len() + len > self.pending_limit {
@@ -583,6 +604,51 @@ mod tests {
             .map(|i| format!("line {i}").into_bytes())
             .collect();
         assert_eq!(messages, expected);
+    }
+
+    #[test]
+    fn a_burst_of_short_lines_is_written_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.log");
+        let mut writer = LogWriter::open(&path).unwrap();
+        // ~110 KiB read, ~1 MiB once every line has its timestamp and tags.
+        let burst: Vec<u8> = (0..20_000)
+            .flat_map(|i| format!("{i}\n").into_bytes())
+            .collect();
+        writer.write(Stream::Stdout, &burst, SystemTime::now());
+        assert_eq!(writer.pending_bytes(), 0);
+        assert_eq!(writer.pending.capacity(), WRITE_BATCH);
+        // The longest record fits a batch exactly.
+        writer.write(Stream::Stderr, &[b'x'; MAX_LINE + 1], SystemTime::now());
+        assert_eq!(writer.pending.capacity(), WRITE_BATCH);
+        let records = read_log(&path);
+        assert_eq!(records.len(), 20_001);
+        for (i, (stream, tag, msg)) in records.iter().take(20_000).enumerate() {
+            assert_eq!((*stream, *tag), (Stream::Stdout, Tag::Full));
+            assert_eq!(msg, i.to_string().as_bytes());
+        }
+        assert_eq!(records[20_000].2.len(), MAX_LINE);
+    }
+
+    #[test]
+    fn pending_records_shrink_back_once_the_file_recovers() {
+        // /dev/full fails every write with ENOSPC, like a full disk.
+        let mut writer = LogWriter::open(Path::new("/dev/full")).unwrap();
+        for i in 0..2_000 {
+            writer.write(
+                Stream::Stdout,
+                format!("kept {i}\n").as_bytes(),
+                SystemTime::now(),
+            );
+        }
+        assert!(writer.pending_bytes() > 2 * WRITE_BATCH);
+        // The disk has room again.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.log");
+        writer.file = open_log(&path).unwrap();
+        assert!(writer.flush());
+        assert_eq!(writer.pending.capacity(), WRITE_BATCH);
+        assert_eq!(read_log(&path).len(), 2_000);
     }
 
     #[test]
