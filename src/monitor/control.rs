@@ -275,6 +275,7 @@ impl Supervisor {
         match created.start() {
             Ok(_) => {
                 self.started_at = now_ns();
+                self.started_now = true;
                 Response {
                     error: String::new(),
                     status: Some(self.status()),

@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -19,6 +19,7 @@ use nix::unistd::{ForkResult, fork, setsid};
 
 use super::MonitorError;
 use super::config::MonitorConfig;
+use super::footprint;
 use super::framing::encode_frame;
 use super::proto::{SpawnResult, spawn_result};
 use super::supervisor::Supervisor;
@@ -27,6 +28,7 @@ use super::supervisor::Supervisor;
 /// single-threaded (no tokio runtime, no threads): this forks.
 #[allow(unsafe_code)] // fork(2)
 pub fn run(config_path: &Path) -> ExitCode {
+    footprint::tune_allocator();
     cloexec_inherited_fds();
     let mut report = ResultPipe::from_stdin();
     let config = match MonitorConfig::load(config_path) {
@@ -76,6 +78,9 @@ pub fn run(config_path: &Path) -> ExitCode {
         return ExitCode::FAILURE;
     }
     drop(report);
+    // Creation is over: what it used is never needed again (see
+    // footprint); the supervisor does the same once the container started.
+    footprint::release_setup();
     if supervisor.run() {
         ExitCode::SUCCESS
     } else {
@@ -111,14 +116,16 @@ impl ResultPipe {
     /// Takes stdin as the result pipe and puts /dev/null in its place, so
     /// that the pipe is closed (EOF for the daemon) once we drop it.
     fn from_stdin() -> Self {
-        let stdin = std::io::stdin();
-        let is_pipe = fstat(stdin.as_fd())
+        // Not `std::io::stdin()`: that allocates a read buffer we would
+        // carry for good.
+        let stdin = rustix::stdio::stdin();
+        let is_pipe = fstat(stdin)
             .map(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFIFO)
             .unwrap_or(false);
         if !is_pipe {
             return Self { pipe: None };
         }
-        let pipe: Option<OwnedFd> = stdin.as_fd().try_clone_to_owned().ok();
+        let pipe: Option<OwnedFd> = stdin.try_clone_to_owned().ok();
         if let Ok(null) = File::open("/dev/null") {
             let _ = nix::unistd::dup2_stdin(&null);
         }

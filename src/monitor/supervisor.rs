@@ -17,6 +17,7 @@ use super::child_reaper::{self, ChildReaper};
 use super::config::MonitorConfig;
 use super::control::Conn;
 use super::exit_record::{self, ExitRecord};
+use super::footprint;
 use super::stdio::{self, MonitorStdio, ReadOutcome};
 use super::{MonitorError, now_ns};
 use crate::executor::{self, CreateOptions, Created};
@@ -46,6 +47,9 @@ pub struct Supervisor {
     /// The container's end: its wait status, or the one `start` sets
     /// when the executor reaped the process itself.
     pub(super) exit: Option<WaitStatus>,
+    /// Start just released the container: what it took (the executor's
+    /// code, the request's handling) is given back at the top of the loop.
+    pub(super) started_now: bool,
     pub(super) buf: Box<[u8]>,
 }
 
@@ -112,6 +116,7 @@ impl Supervisor {
             started_at: 0,
             start_error: None,
             exit: None,
+            started_now: false,
             buf: vec![0; READ_CHUNK].into_boxed_slice(),
         })
     }
@@ -134,6 +139,9 @@ impl Supervisor {
         self.exit = child_reaper::reap_all(self.pid);
         while self.exit.is_none() {
             self.poll_once();
+            if std::mem::take(&mut self.started_now) {
+                footprint::release_setup();
+            }
         }
         self.finish()
     }
