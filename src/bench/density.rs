@@ -1,8 +1,9 @@
-//! Scenario `density`: N pods with one sleeping container each, made on the
-//! endpoints in turn. Reports the memory each pod costs the runtime (the
-//! growth of daemon, per-container helpers and pod infra processes, over N)
-//! and the latency of kubelet's relist calls, ListPodSandbox and
-//! ListContainers, at N pods; then removes the pods, timing that too.
+//! Scenario `density`: N pods with one sleeping (or, with `--chatty`,
+//! logging) container each, made on the endpoints in turn. Reports the memory
+//! each pod costs the runtime (the growth of daemon, per-container helpers
+//! and pod infra processes, over N), the memory of one helper among N, and
+//! the latency of kubelet's relist calls, ListPodSandbox and ListContainers,
+//! at N pods; then removes the pods, timing that too.
 
 use std::time::Duration;
 
@@ -109,14 +110,24 @@ pub async fn run(targets: &mut [Target], ctx: &Ctx) {
 
 async fn add_pod(target: &mut Target, ctx: &Ctx) -> Result<String, Failure> {
     let seq = target.next_seq();
-    let pod_config = ctx.naming.pod_config(target.index, seq);
+    let mut pod_config = ctx.naming.pod_config(target.index, seq);
+    let container = if ctx.chatty {
+        let name = ctx.naming.pod_name(target.index, seq);
+        pod_config.log_directory = ctx
+            .pod_log_dir(target.index, &name)
+            .to_string_lossy()
+            .into_owned();
+        ctx.naming.chatty(&ctx.image)
+    } else {
+        ctx.naming.sleeper(&ctx.image)
+    };
     let (pod, run) = target.conn.run_pod(&pod_config).await?;
     target.record("RunPodSandbox (filling)", run);
     // An endpoint without containers yet fills with empty pods (noted).
     if target.with_containers() {
         let (ctr, create) = target
             .conn
-            .create_container(&pod, &ctx.naming.sleeper(&ctx.image), &pod_config)
+            .create_container(&pod, &container, &pod_config)
             .await?;
         let start = target.conn.start_container(&ctr).await?;
         target.record("CreateContainer (filling)", create);

@@ -117,6 +117,11 @@ pub struct BenchArgs {
     /// churn: how many concurrent clients.
     #[arg(long, value_name = "K", default_value_t = 4)]
     pub clients: u32,
+    /// density: containers that log continuously (a trickle of lines and a
+    /// 66 KB burst every second, to a log file in a temporary directory)
+    /// instead of sleeping, for the memory of helpers that stream logs.
+    #[arg(long)]
+    pub chatty: bool,
     /// Untimed pod lifecycles per endpoint before timing starts (pulls the
     /// image, and a pause image where the runtime uses one).
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -143,6 +148,18 @@ pub struct Ctx {
     pub warmup: u32,
     pub pods: u32,
     pub clients: u32,
+    /// density: chatty containers, logging under `log_dir`.
+    pub chatty: bool,
+    /// Where the pods of a chatty run keep their logs, one directory per
+    /// endpoint; removed at the end.
+    pub log_dir: PathBuf,
+}
+
+impl Ctx {
+    /// The log directory of endpoint `index`'s pod `name`.
+    pub fn pod_log_dir(&self, index: usize, name: &str) -> PathBuf {
+        self.log_dir.join(index.to_string()).join(name)
+    }
 }
 
 /// The order in which the endpoints take iteration `i`: alternating who goes
@@ -164,6 +181,11 @@ pub fn run(args: &BenchArgs) -> Result<bool, BenchError> {
             "--iterations and --pods must be at least 1".to_string(),
         ));
     }
+    if args.chatty && args.scenario != Scenario::Density {
+        return Err(BenchError::Usage(
+            "--chatty is for the density scenario".to_string(),
+        ));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -181,10 +203,12 @@ async fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    let run_id = pods::run_id();
     let ctx = Ctx {
+        log_dir: std::env::temp_dir().join(format!("berth-bench-{run_id}")),
         naming: Naming {
             scenario: args.scenario.name(),
-            run_id: pods::run_id(),
+            run_id,
         },
         image: args.image.clone(),
         iterations: args
@@ -193,6 +217,7 @@ async fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
         warmup: args.warmup,
         pods: args.pods,
         clients: args.clients,
+        chatty: args.chatty,
     };
     let timeout = Duration::from_secs(args.timeout.max(1));
 
@@ -222,6 +247,8 @@ async fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
     for target in &mut targets {
         cleanups.push(clean_up(target, &ctx).await);
     }
+    // Each endpoint's logs went with its clean-up; the directory is empty.
+    let _ = std::fs::remove_dir(&ctx.log_dir);
     Ok(Report::new(
         &ctx,
         args.scenario,
@@ -335,6 +362,17 @@ async fn clean_up(target: &mut Target, ctx: &Ctx) -> Cleanup {
         .conn
         .clean_up((pods::RUN_LABEL, &ctx.naming.run_id))
         .await;
+    if ctx.chatty {
+        // The pods are gone, and their logs with them from the runtime's view.
+        let dir = ctx.log_dir.join(target.index.to_string());
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => cleanup
+                .errors
+                .push(format!("container logs {}: {e}", dir.display())),
+        }
+    }
     if target.image_was_present == Some(false) {
         match target.conn.image_status(&ctx.image).await {
             Ok(Some(_)) => match target.conn.remove_image(&ctx.image).await {

@@ -90,6 +90,45 @@ impl Naming {
     }
 }
 
+/// What a chatty container runs: every 100 ms a line of about 110 bytes on
+/// stdout, and every second one on stderr plus a burst of 600 such lines
+/// (66 KB, more than a pipe holds) on stdout. So a helper that streams the
+/// log meets both a trickle and full reads, the steady state a pod that logs
+/// puts it in.
+pub const CHATTY_SCRIPT: &str = "\
+l='chatty: the quick brown fox jumps over the lazy dog 0123456789 the quick brown fox jumps over the lazy dog'
+i=0
+while :; do
+  echo \"$i $l\"
+  if [ $((i % 10)) = 0 ]; then
+    echo \"$i $l\" >&2
+    yes \"$i $l\" | head -n 600
+  fi
+  i=$((i + 1))
+  sleep 0.1
+done";
+
+impl Naming {
+    /// A container that writes logs until it is stopped (`sh`, `sleep`,
+    /// `yes` and `head` must be in the image, as in busybox), to
+    /// `chatty.log` in its pod's log directory.
+    pub fn chatty(&self, image: &str) -> ContainerConfig {
+        ContainerConfig {
+            metadata: Some(ContainerMetadata {
+                name: "chatty".to_string(),
+                attempt: 0,
+            }),
+            command: vec![
+                "sh".to_string(),
+                "-c".to_string(),
+                CHATTY_SCRIPT.to_string(),
+            ],
+            log_path: "chatty.log".to_string(),
+            ..self.sleeper(image)
+        }
+    }
+}
+
 /// A run ID: short, lowercase, different for every run on a machine.
 pub fn run_id() -> String {
     let nanos = std::time::SystemTime::now()
@@ -126,6 +165,10 @@ mod tests {
         assert_eq!(a.hostname, name(&a));
         assert_eq!(a.labels[RUN_LABEL], "0a1b2c3d");
         assert_eq!(n.sleeper("img").labels[RUN_LABEL], "0a1b2c3d");
+        let chatty = n.chatty("img");
+        assert_eq!(chatty.labels[RUN_LABEL], "0a1b2c3d");
+        assert_eq!(chatty.command[..2], ["sh", "-c"]);
+        assert_eq!(chatty.log_path, "chatty.log");
         let pid_mode = a
             .linux
             .and_then(|l| l.security_context)

@@ -24,6 +24,9 @@ pub struct ProcMemory {
     /// among their users, so that N shims of one binary do not count its
     /// text N times.
     pub pss_kib: Option<u64>,
+    /// Pages no other process maps (`Private_Clean` + `Private_Dirty` of
+    /// `smaps_rollup`): what the process costs whatever else runs.
+    pub private_kib: Option<u64>,
 }
 
 /// A set of processes, summed.
@@ -32,6 +35,7 @@ pub struct Group {
     pub count: usize,
     pub rss_kib: u64,
     pub pss_kib: u64,
+    pub private_kib: u64,
 }
 
 impl Group {
@@ -40,7 +44,13 @@ impl Group {
             count: members.len(),
             rss_kib: members.iter().map(|m| m.rss_kib).sum(),
             pss_kib: members.iter().filter_map(|m| m.pss_kib).sum(),
+            private_kib: members.iter().filter_map(|m| m.private_kib).sum(),
         }
+    }
+
+    /// The mean of a sum over the members; None without members.
+    pub fn per_member(&self, sum_kib: u64) -> Option<f64> {
+        (self.count > 0).then(|| sum_kib as f64 / self.count as f64)
     }
 }
 
@@ -162,6 +172,12 @@ pub fn rollup_pss_kib(rollup: &str) -> Option<u64> {
     kib_field(rollup, "Pss:")
 }
 
+/// `Private_Clean` + `Private_Dirty` in KiB from the text of
+/// `/proc/<pid>/smaps_rollup`.
+pub fn rollup_private_kib(rollup: &str) -> Option<u64> {
+    Some(kib_field(rollup, "Private_Clean:")? + kib_field(rollup, "Private_Dirty:")?)
+}
+
 fn kib_field(text: &str, key: &str) -> Option<u64> {
     text.lines()
         .find_map(|line| line.strip_prefix(key))
@@ -231,13 +247,12 @@ pub fn socket_owner(socket: &Path) -> Option<i32> {
 pub fn memory(pid: i32) -> Option<ProcMemory> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kib = status_rss_kib(&status)?;
-    let pss_kib = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .ok()
-        .and_then(|t| rollup_pss_kib(&t));
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok();
     Some(ProcMemory {
         pid,
         rss_kib,
-        pss_kib,
+        pss_kib: rollup.as_deref().and_then(rollup_pss_kib),
+        private_kib: rollup.as_deref().and_then(rollup_private_kib),
     })
 }
 
@@ -305,8 +320,10 @@ Num       RefCount Protocol Flags    Type St Inode Path
         let status = "Name:\tberth\nVmHWM:\t   20000 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
         assert_eq!(status_rss_kib(status), Some(12345));
         assert_eq!(status_rss_kib("Name:\tkthreadd\n"), None);
-        let rollup = "55a0-7ffd ---p 00000000 00:00 0 [rollup]\nRss:  900 kB\nPss:  321 kB\nPss_Anon: 100 kB\n";
+        let rollup = "55a0-7ffd ---p 00000000 00:00 0 [rollup]\nRss:  900 kB\nPss:  321 kB\nPss_Anon: 100 kB\nShared_Clean: 700 kB\nPrivate_Clean: 8 kB\nPrivate_Dirty: 192 kB\n";
         assert_eq!(rollup_pss_kib(rollup), Some(321));
+        assert_eq!(rollup_private_kib(rollup), Some(200));
+        assert_eq!(rollup_private_kib("Pss: 1 kB\n"), None);
     }
 
     #[test]
@@ -403,11 +420,13 @@ Num       RefCount Protocol Flags    Type St Inode Path
                 pid: 1,
                 rss_kib: 10,
                 pss_kib: Some(4),
+                private_kib: Some(3),
             },
             ProcMemory {
                 pid: 2,
                 rss_kib: 20,
                 pss_kib: None,
+                private_kib: Some(5),
             },
         ]);
         assert_eq!(
@@ -415,9 +434,12 @@ Num       RefCount Protocol Flags    Type St Inode Path
             Group {
                 count: 2,
                 rss_kib: 30,
-                pss_kib: 4
+                pss_kib: 4,
+                private_kib: 8,
             }
         );
+        assert_eq!(g.per_member(g.private_kib), Some(4.0));
+        assert_eq!(Group::default().per_member(0), None);
     }
 
     #[test]

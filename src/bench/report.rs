@@ -24,6 +24,8 @@ pub struct Report {
     pub warmup: u32,
     pub image: String,
     pub pods: Option<u32>,
+    /// Density: whether the containers were chatty (`--chatty`).
+    pub chatty: Option<bool>,
     pub clients: Option<u32>,
     pub interrupted: bool,
     pub endpoints: Vec<EndpointReport>,
@@ -112,6 +114,7 @@ impl Report {
             warmup: ctx.warmup,
             image: ctx.image.clone(),
             pods: (scenario == Scenario::Density).then_some(ctx.pods),
+            chatty: (scenario == Scenario::Density).then_some(ctx.chatty),
             clients: (scenario == Scenario::Churn).then_some(ctx.clients),
             interrupted,
             endpoints,
@@ -150,6 +153,9 @@ impl Report {
         );
         if let Some(p) = self.pods {
             let _ = write!(out, ", {p} pods");
+        }
+        if self.chatty == Some(true) {
+            out.push_str(" with chatty containers");
         }
         if let Some(c) = self.clients {
             let _ = write!(out, ", {c} clients");
@@ -337,6 +343,12 @@ impl Report {
             true,
         );
         row(
+            helper("1 pod: helpers private"),
+            each(&one(|s| s.helpers.private_kib as f64)),
+            &mut table,
+            true,
+        );
+        row(
             "1 pod: pod infra RSS".into(),
             each(&|m| {
                 m.one_pod
@@ -357,6 +369,26 @@ impl Report {
             row(
                 helper(&format!("density: helpers RSS at {n} pods")),
                 each(&|m| m.density.map(|d| d.after.helpers.rss_kib as f64)),
+                &mut table,
+                comparable,
+            );
+            // One helper's share among N: its binary's shared pages count
+            // 1/N each in PSS, and not at all in the private memory.
+            row(
+                helper(&format!("density: PSS per helper at {n} pods")),
+                each(&|m| {
+                    m.density
+                        .and_then(|d| d.after.helpers.per_member(d.after.helpers.pss_kib))
+                }),
+                &mut table,
+                comparable,
+            );
+            row(
+                helper(&format!("density: private per helper at {n} pods")),
+                each(&|m| {
+                    m.density
+                        .and_then(|d| d.after.helpers.per_member(d.after.helpers.private_kib))
+                }),
                 &mut table,
                 comparable,
             );
