@@ -51,6 +51,7 @@ pub struct Config {
     pub network: NetworkConfig,
     pub image: ImageConfig,
     pub streaming: StreamingConfig,
+    pub sandbox: SandboxConfig,
     /// Per-registry settings and mirrors, as `[[registry]]` tables with the
     /// semantics of containers-registries.conf v2.
     #[serde(rename = "registry")]
@@ -69,6 +70,7 @@ impl Default for Config {
             network: NetworkConfig::default(),
             image: ImageConfig::default(),
             streaming: StreamingConfig::default(),
+            sandbox: SandboxConfig::default(),
             registries: Vec::new(),
         }
     }
@@ -164,6 +166,23 @@ impl Default for ImageConfig {
             max_concurrent_downloads: 3,
             pull_progress_timeout_secs: 300,
             insecure_loopback: false,
+        }
+    }
+}
+
+/// Pod sandboxes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// Size of each pod's `/dev/shm` tmpfs, in bytes (containerd's and
+    /// CRI-O's default is 64 MiB).
+    pub shm_size_bytes: u64,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            shm_size_bytes: 64 << 20,
         }
     }
 }
@@ -455,6 +474,15 @@ impl Config {
             ));
         }
         self.validate_streaming(origins)?;
+        if self.sandbox.shm_size_bytes < 4096 {
+            return Err(invalid(
+                "sandbox.shm_size_bytes",
+                format!(
+                    "{} is less than one page (4096)",
+                    self.sandbox.shm_size_bytes
+                ),
+            ));
+        }
         for (i, registry) in self.registries.iter().enumerate() {
             if registry.prefix.is_empty() && registry.location.is_empty() {
                 return Err(invalid(

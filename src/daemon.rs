@@ -144,6 +144,7 @@ impl Daemon {
             &config.state,
             network.clone(),
             cgroups.clone(),
+            config.sandbox.shm_size_bytes,
         ));
         let containers = ContainerManager::new(
             store.clone(),

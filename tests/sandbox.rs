@@ -203,7 +203,10 @@ async fn builtin_network_pod_is_ready_with_its_namespaces_and_files() {
     }
     let net = TestNet::new();
     let daemon = TestDaemon::start_with(Options {
-        config_toml: net.builtin_config(),
+        config_toml: format!(
+            "{}[sandbox]\nshm_size_bytes = 8388608\n",
+            net.builtin_config()
+        ),
         ..Options::default()
     });
     let mut client = daemon.runtime().await;
@@ -247,6 +250,14 @@ async fn builtin_network_pod_is_ready_with_its_namespaces_and_files() {
         .output()
         .expect("nsenter");
     assert_eq!(String::from_utf8_lossy(&uts.stdout).trim(), "files");
+    // The pod's /dev/shm has the configured size (8 MiB here).
+    let shm = pod_dir.join("shm").display().to_string();
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let shm_line = mountinfo
+        .lines()
+        .find(|l| l.split_whitespace().nth(4) == Some(shm.as_str()))
+        .expect("the pod's shm is mounted");
+    assert!(shm_line.contains("size=8192k"), "{shm_line}");
     let netns = netns_of(&st).expect("netns in verbose info");
     let sysctl = in_netns(
         &netns,

@@ -5,8 +5,6 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags};
 
-/// containerd's and Docker's default `/dev/shm` size.
-pub const DEFAULT_SHM_BYTES: u64 = 64 << 20;
 const HOST_RESOLV_CONF: &str = "/etc/resolv.conf";
 
 #[derive(Debug, thiserror::Error)]

@@ -176,6 +176,8 @@ pub struct SandboxManager {
     network: Arc<Network>,
     cgroups: Option<CgroupManager>,
     locks: KeyedLocks,
+    /// The size of each pod's `/dev/shm` (`[sandbox] shm_size_bytes`).
+    shm_bytes: u64,
 }
 
 /// containerd's `DefaultSandboxCPUshares`: the pause process only reaps.
@@ -208,8 +210,10 @@ impl SandboxManager {
         state: &Path,
         network: Arc<Network>,
         cgroups: Option<CgroupManager>,
+        shm_bytes: u64,
     ) -> Self {
         SandboxManager {
+            shm_bytes,
             records: Cached::new(store, Kind::Pod),
             pods_dir: state.join("pods"),
             state_dir: state.to_path_buf(),
@@ -379,6 +383,7 @@ impl SandboxManager {
         });
         let hostname = pod.config.hostname.clone();
         let shared_ipc = !pod.namespaces.ipc;
+        let shm_bytes = self.shm_bytes;
         let shm = blocking({
             let dir = dir.clone();
             move || -> Result<Option<PathBuf>, SandboxError> {
@@ -387,7 +392,7 @@ impl SandboxManager {
                 if shared_ipc {
                     return Ok(None);
                 }
-                Ok(Some(files::mount_shm(&dir, files::DEFAULT_SHM_BYTES)?))
+                Ok(Some(files::mount_shm(&dir, shm_bytes)?))
             }
         })
         .await??;
