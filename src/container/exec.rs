@@ -131,16 +131,11 @@ pub async fn exec_sync(
         path: PathBuf::from("berth exec-helper"),
         source,
     })?;
-    // The helper says why it could not run the command with exit 255 and a
-    // `berth exec-helper:` line on stderr.
-    let code = status.code().unwrap_or(255);
+    let code = status.code().unwrap_or(HELPER_FAILED);
     if code == HELPER_FAILED
-        && let Some(message) = String::from_utf8_lossy(&stderr)
-            .lines()
-            .rev()
-            .find_map(|l| l.strip_prefix(HELPER_PREFIX))
+        && let Some(message) = helper_message(&stderr)
     {
-        return Err(ExecError::Helper(message.to_string()));
+        return Err(ExecError::Helper(message));
     }
     Ok(ExecOutput {
         stdout,
@@ -151,6 +146,15 @@ pub async fn exec_sync(
 
 const HELPER_FAILED: i32 = 255;
 const HELPER_PREFIX: &str = "berth exec-helper: ";
+
+/// Why the helper could not run the command: it exits 255 after a last
+/// `berth exec-helper: …` line on its stderr.
+fn helper_message(stderr: &[u8]) -> Option<String> {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(HELPER_PREFIX).map(str::to_string))
+}
 
 /// What the helper's stdin is.
 enum HelperStdio {
@@ -351,12 +355,7 @@ impl ExecProcess {
             Some(task) => task.await.unwrap_or_default(),
             None => Vec::new(),
         };
-        let message = [own.as_slice(), stderr_tail].into_iter().find_map(|bytes| {
-            String::from_utf8_lossy(bytes)
-                .lines()
-                .rev()
-                .find_map(|l| l.strip_prefix(HELPER_PREFIX).map(str::to_string))
-        });
+        let message = helper_message(&own).or_else(|| helper_message(stderr_tail));
         message.map_or(ExecExit::Exited(code), ExecExit::Failed)
     }
 
