@@ -308,6 +308,27 @@ fn is_websocket(headers: &HeaderMap) -> bool {
     header_str(headers, header::UPGRADE).eq_ignore_ascii_case("websocket") && is_upgrade(headers)
 }
 
+/// The protocols a client offers in every `name` header, comma-separated,
+/// in its order of preference.
+fn offered_protocols(headers: &HeaderMap, name: impl header::AsHeaderName) -> Vec<&str> {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+/// The first protocol the client offers (in its order) that the server
+/// supports, as kubelet's `negotiateProtocol` and the Go websocket server.
+fn first_supported<'a>(offered: &[&str], supported: &[&'a str]) -> Option<&'a str> {
+    offered
+        .iter()
+        .find_map(|o| supported.iter().find(|s| *s == o).copied())
+}
+
 /// kubelet's `httpstream.Handshake` and the SPDY response upgrader.
 fn spdy_handshake(
     headers: &HeaderMap,
@@ -317,24 +338,14 @@ fn spdy_handshake(
         Endpoint::PortForward => SPDY_PORT_FORWARD_PROTOCOLS,
         Endpoint::Exec | Endpoint::Attach => SPDY_REMOTE_COMMAND_PROTOCOLS,
     };
-    let offered: Vec<&str> = headers
-        .get_all(PROTOCOL_HEADER)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .collect();
+    let offered = offered_protocols(headers, PROTOCOL_HEADER);
     if offered.is_empty() {
         return Err(Box::new(plain(
             StatusCode::BAD_REQUEST,
             "unable to upgrade: header X-Stream-Protocol-Version does not exist in request or has no valid protocols",
         )));
     }
-    let Some(protocol) = offered
-        .iter()
-        .find_map(|o| supported.iter().find(|s| *s == o).copied())
-    else {
+    let Some(protocol) = first_supported(&offered, supported) else {
         let mut refusal = plain(
             StatusCode::FORBIDDEN,
             format!(
@@ -383,19 +394,19 @@ fn websocket_handshake(
             "websocket: missing Sec-WebSocket-Key or unsupported Sec-WebSocket-Version",
         )));
     }
-    let offered = headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-        .join(",");
-    let offered = (!offered.trim().is_empty()).then_some(offered.as_str());
-    let Some(protocol) = websocket::negotiate(offered, supported) else {
+    let offered = offered_protocols(headers, header::SEC_WEBSOCKET_PROTOCOL);
+    // A client that offers none gets the binary protocol without a name
+    // (pre-v4 status), as the Go websocket handshake does.
+    let protocol = if offered.is_empty() {
+        Some("")
+    } else {
+        first_supported(&offered, supported)
+    };
+    let Some(protocol) = protocol else {
         return Err(Box::new(plain(
             StatusCode::BAD_REQUEST,
             format!(
-                "websocket: requested protocol(s) are not supported: {}; supports {supported:?}",
-                offered.unwrap_or("")
+                "websocket: requested protocol(s) are not supported: {offered:?}; supports {supported:?}"
             ),
         )));
     };
@@ -748,6 +759,30 @@ mod tests {
     }
 
     #[test]
+    fn negotiation_follows_the_clients_order() {
+        assert_eq!(
+            first_supported(
+                &["v4.channel.k8s.io", "v5.channel.k8s.io"],
+                websocket::REMOTE_COMMAND_PROTOCOLS
+            ),
+            Some("v4.channel.k8s.io")
+        );
+        assert_eq!(
+            first_supported(&["foo"], websocket::REMOTE_COMMAND_PROTOCOLS),
+            None
+        );
+        assert_eq!(
+            first_supported(&["v5.channel.k8s.io"], websocket::PORT_FORWARD_PROTOCOLS),
+            None
+        );
+        let split = headers(&[
+            ("x-stream-protocol-version", "a, b"),
+            ("x-stream-protocol-version", " c ,,"),
+        ]);
+        assert_eq!(offered_protocols(&split, PROTOCOL_HEADER), ["a", "b", "c"]);
+    }
+
+    #[test]
     fn spdy_negotiation_follows_kubelet() {
         let ok = headers(&[
             ("connection", "Upgrade"),
@@ -817,6 +852,10 @@ mod tests {
         );
         let refused = websocket_handshake(&v5_only, Endpoint::PortForward)
             .expect_err("v5 is not port-forward");
+        let mut unnamed = request.clone();
+        unnamed.remove(header::SEC_WEBSOCKET_PROTOCOL);
+        let (_, upgrade) = websocket_handshake(&unnamed, Endpoint::Exec).expect("no protocol");
+        assert_eq!(upgrade, Upgrade::WebSocket(String::new()));
         assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
     }
 }

@@ -35,26 +35,6 @@ pub const REMOTE_COMMAND_PROTOCOLS: &[&str] = &[
 
 pub const PORT_FORWARD_PROTOCOLS: &[&str] = &["v4.channel.k8s.io", "v4.base64.channel.k8s.io"];
 
-/// Picks the first protocol the client offers (in its order) that the
-/// server supports, as the Go websocket handshake does; `Some("")` when the
-/// client offered none.
-pub fn negotiate<'a>(offered: Option<&str>, supported: &[&'a str]) -> Option<&'a str> {
-    let offered: Vec<&str> = offered
-        .map(|h| {
-            h.split(',')
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
-                .collect()
-        })
-        .unwrap_or_default();
-    if offered.is_empty() {
-        return Some("");
-    }
-    offered
-        .iter()
-        .find_map(|o| supported.iter().find(|s| *s == o).copied())
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// Data from the client is dropped; nothing is sent.
@@ -268,23 +248,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn negotiation_follows_the_clients_order() {
-        assert_eq!(
-            negotiate(
-                Some("v4.channel.k8s.io, v5.channel.k8s.io"),
-                REMOTE_COMMAND_PROTOCOLS
-            ),
-            Some("v4.channel.k8s.io")
-        );
-        assert_eq!(negotiate(None, REMOTE_COMMAND_PROTOCOLS), Some(""));
-        assert_eq!(negotiate(Some("foo"), REMOTE_COMMAND_PROTOCOLS), None);
-        assert_eq!(
-            negotiate(Some("v5.channel.k8s.io"), PORT_FORWARD_PROTOCOLS),
-            None
-        );
-    }
 
     #[test]
     fn base64_frames_carry_the_channel_as_a_digit() {
