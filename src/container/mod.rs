@@ -291,7 +291,18 @@ impl ContainerManager {
     async fn reconcile(&self, id: &str) -> Result<(), ContainerError> {
         let container = self.get(id).await?;
         if container.exit_record(&self.state_dir).exists() {
-            return self.record_exit(id).await;
+            // Exit records are not flushed (see monitor::atomic_file): after
+            // a machine crash one may be empty. The container is gone then;
+            // an unreadable record must not keep the daemon from starting.
+            let Err(e) = self.record_exit(id).await else {
+                return Ok(());
+            };
+            tracing::warn!(container = %id, "unreadable exit record: {e}");
+            let mut container = container;
+            container.state = ContainerState::Unknown;
+            container.reason = "Unknown".into();
+            container.message = format!("the container's exit record is unreadable: {e}");
+            return self.put(&container).await;
         }
         let client = MonitorClient::new(container.control_socket(&self.state_dir))
             .with_timeout(Duration::from_secs(2));
@@ -415,6 +426,13 @@ impl ContainerManager {
         })?;
         let bundle = self.state_dir.join("containers").join(&id);
         let log_path = log_path(&pod, &config, &bundle)?;
+        // Known before anything exists, and saved with the reservation, so
+        // that undoing an interrupted create finds the cgroup without a
+        // second commit once it is made.
+        let cgroup_path = match &self.cgroups {
+            Some(cgroups) => Some(cgroups.container_path(&pod.cgroup_parent(), &id)?),
+            None => None,
+        };
         let mut container = ContainerRecord {
             id: id.clone(),
             pod_id: pod.id.clone(),
@@ -434,7 +452,7 @@ impl ContainerManager {
             pid: 0,
             bundle,
             log_path,
-            cgroup_path: None,
+            cgroup_path: cgroup_path.as_ref().map(ToString::to_string),
             stop_signal: spec::stop_signal(&image.config),
             uid: 0,
             gid: 0,
@@ -530,9 +548,8 @@ impl ContainerManager {
         container.gid = resolved.gid;
         container.additional_gids = resolved.additional_gids.clone();
 
-        let parent = pod.cgroup_parent();
-        let cgroup = match &self.cgroups {
-            Some(cgroups) => Some(cgroups.container_path(&parent, &container.id)?),
+        let cgroup = match &container.cgroup_path {
+            Some(path) => Some(crate::executor::cgroups::CgroupPath::parse(path)?),
             None => None,
         };
         let volumes_dir = bundle.join("volumes");
@@ -575,8 +592,6 @@ impl ContainerManager {
         if let (Some(cgroups), Some(path)) = (&self.cgroups, &cgroup) {
             let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
             let made = cgroups.create(path, resources.as_ref())?;
-            container.cgroup_path = Some(path.to_string());
-            self.put(container).await?;
             procs = made.procs_files();
             oom_file = made
                 .dirs()

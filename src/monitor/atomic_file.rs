@@ -1,10 +1,17 @@
-//! Write-to-temp, fsync, rename: a reader sees the old file or the whole new
-//! one, also after a crash.
+//! Write-to-temp, rename: a reader sees the old file or the whole new one,
+//! also when the writer dies half way.
+//!
+//! No fsync, on purpose: these files live in the state directory, which
+//! describes processes of the current boot only (`/run` is a tmpfs on most
+//! nodes). The page cache outlives any process crash, and after a machine
+//! crash every process such a file names is gone, so flushing buys nothing
+//! and cost two disk flushes per file on the path of every create and exit.
+//! Readers after a reboot must treat an empty or torn file as "gone".
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::MonitorError;
 
@@ -31,21 +38,10 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), MonitorError> {
             .mode(0o644)
             .open(&tmp)?;
         file.write_all(data)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        sync_dir(path)
+        std::fs::rename(&tmp, path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result.map_err(fail)
-}
-
-/// fsync the directory so that the rename itself survives a crash.
-fn sync_dir(path: &Path) -> std::io::Result<()> {
-    let dir: PathBuf = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::File::open(dir)?.sync_all()
 }
