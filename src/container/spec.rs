@@ -234,14 +234,7 @@ impl HostInfo {
     }
 
     pub fn detect() -> HostInfo {
-        let cgroup_v2 = rustix::fs::statfs("/sys/fs/cgroup")
-            // f_type's width differs between architectures.
-            .map(|s| {
-                #[allow(clippy::unnecessary_cast)]
-                let magic = s.f_type as i64;
-                magic == 0x6367_7270 // CGROUP2_SUPER_MAGIC
-            })
-            .unwrap_or(false);
+        let cgroup_v2 = crate::executor::is_cgroup2(std::path::Path::new("/sys/fs/cgroup"));
         let swap_controller = if cgroup_v2 {
             let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
             own.lines()

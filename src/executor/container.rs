@@ -40,7 +40,7 @@ use super::process::{self, ProcessError, ProcessPlan};
 use super::rootfs::{self, RootfsPlan};
 use super::seccomp::{self, SeccompProgram};
 use super::sync::{Message, SyncError, SyncSocket};
-use super::{lsm, sysctl, terminal};
+use super::{clone_into, lsm, sysctl, terminal};
 
 /// How long the caller waits for any one step of the setup processes.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -278,12 +278,27 @@ pub(crate) fn launch(
     let (parent, child) = SyncSocket::pair()?;
     parent.set_timeout(SETUP_TIMEOUT)?;
 
+    // The intermediate is born in the v2 cgroup when there is one; the v1
+    // hierarchies (and kernels before 5.7) take a write to cgroup.procs.
+    let (v2_dir, v1_procs) = clone_into::split_v2(cgroup_procs);
     // SAFETY: the executor's callers are single-threaded (`berth monitor`;
     // tests run each container in a single-threaded re-exec of the test
     // binary), and glibc's fork() leaves malloc usable in the child, so
-    // the child may allocate. It never returns: it ends in `_exit`.
+    // the child may allocate. It never returns: it ends in `_exit`. The
+    // clone3 child makes system calls, allocates and ends the same way.
     #[allow(unsafe_code)]
-    let forked = unsafe { fork() }.map_err(ExecutorError::Fork)?;
+    let (forked, to_write) = match &v2_dir {
+        Some(dir) => match unsafe { clone_into::fork_into(dir) } {
+            Err(e) if clone_into::unsupported(e) => (
+                unsafe { fork() },
+                cgroup_procs.iter().map(PathBuf::as_path).collect(),
+            ),
+            born => (born, v1_procs),
+        },
+        None => (unsafe { fork() }, v1_procs),
+    };
+    drop(v2_dir);
+    let forked = forked.map_err(ExecutorError::Fork)?;
     let mid = match forked {
         ForkResult::Child => {
             drop(parent);
@@ -322,11 +337,11 @@ pub(crate) fn launch(
             return Err(ExecutorError::ChildDied(describe(reap(mid))));
         }
     }
-    for path in cgroup_procs {
+    for path in to_write {
         std::fs::write(path, mid.as_raw().to_string()).map_err(|source| {
             ExecutorError::CgroupJoin {
                 pid: mid.as_raw(),
-                path: path.clone(),
+                path: path.to_path_buf(),
                 source,
             }
         })?;

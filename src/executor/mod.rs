@@ -6,6 +6,7 @@
 
 pub mod capabilities;
 pub mod cgroups;
+mod clone_into;
 pub mod container;
 pub mod devices;
 pub mod error;
@@ -19,6 +20,8 @@ pub mod seccomp;
 pub mod sync;
 pub mod sysctl;
 pub mod terminal;
+
+pub(crate) use clone_into::is_cgroup2;
 
 pub use container::{CreateOptions, Created, Stdio, create, kill};
 pub use error::ExecutorError;

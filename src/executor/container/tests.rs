@@ -772,6 +772,68 @@ fn cgroup_procs_put_the_container_in_its_cgroup() {
     });
 }
 
+/// Where this host mounts cgroup v2: `/sys/fs/cgroup` on a v2 host,
+/// `/sys/fs/cgroup/unified` on a hybrid one.
+fn cgroup2_mount() -> Option<PathBuf> {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| crate::executor::is_cgroup2(p))
+}
+
+#[test]
+fn the_v2_cgroup_is_joined_at_birth_and_v1_ones_by_write() {
+    isolated(
+        "the_v2_cgroup_is_joined_at_birth_and_v1_ones_by_write",
+        || {
+            let Some(v2) = cgroup2_mount() else {
+                eprintln!("skipped: no cgroup v2 hierarchy");
+                return;
+            };
+            let name = format!("berth-clone3-test-{}", std::process::id());
+            let mut dirs = vec![v2.join(&name)];
+            let v1_pids = Path::new("/sys/fs/cgroup/pids");
+            if v1_pids.join("cgroup.procs").exists() {
+                dirs.push(v1_pids.join(&name));
+            }
+            struct RemoveCgroups(Vec<PathBuf>);
+            impl Drop for RemoveCgroups {
+                fn drop(&mut self) {
+                    for d in &self.0 {
+                        let _ = std::fs::remove_dir(d);
+                    }
+                }
+            }
+            for d in &dirs {
+                std::fs::create_dir(d).unwrap();
+            }
+            let _cleanup = RemoveCgroups(dirs.clone());
+            let rootfs = Rootfs::new();
+            let spec = to_spec(spec(&rootfs.path(), &["true"]));
+            let (_out, stdio) = pipe_stdio();
+            let procs: Vec<PathBuf> = dirs.iter().map(|d| d.join("cgroup.procs")).collect();
+            let created = create(CreateOptions {
+                spec: &spec,
+                stdio,
+                cgroup_procs: &procs,
+            })
+            .unwrap();
+            let pid = created.pid();
+            for p in &procs {
+                let members = std::fs::read_to_string(p).unwrap();
+                assert_eq!(members.trim(), pid.to_string(), "{p:?}");
+            }
+            let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+            assert!(own.lines().any(|l| l == format!("0::/{name}")), "{own}");
+            let pid = created.start().unwrap();
+            assert!(matches!(
+                Running(Some(pid)).wait(),
+                WaitStatus::Exited(_, 0)
+            ));
+        },
+    );
+}
+
 #[test]
 fn seccomp_default_errno_profile_with_per_rule_actions() {
     isolated(
