@@ -11,7 +11,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
 
-use crate::monitor::{MonitorClient, MonitorConfig};
+use crate::monitor::{ExitWatcher, MonitorClient, MonitorConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InfraError {
@@ -180,6 +180,14 @@ pub async fn stop(paths: &InfraPaths) {
     if exit.exists() || !paths.control_socket.exists() {
         return;
     }
+    // Watch before signalling, so that the record cannot appear unseen.
+    let mut watcher = match ExitWatcher::new(&paths.bundle) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::debug!("watch infra bundle: {e}");
+            None
+        }
+    };
     if let Err(e) = MonitorClient::new(&paths.control_socket)
         .signal(Signal::SIGKILL)
         .await
@@ -187,11 +195,22 @@ pub async fn stop(paths: &InfraPaths) {
         tracing::debug!("signal infra process: {e}");
         return;
     }
-    for _ in 0..200 {
-        if exit.exists() {
-            return;
+    let recorded = async {
+        while !exit.exists() {
+            match watcher.as_mut() {
+                Some(w) => {
+                    if w.next().await.is_err() {
+                        watcher = None;
+                    }
+                }
+                None => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    if tokio::time::timeout(Duration::from_secs(2), recorded)
+        .await
+        .is_err()
+    {
+        tracing::warn!(bundle = %paths.bundle.display(), "infra process not reported gone after 2 s");
     }
-    tracing::warn!(bundle = %paths.bundle.display(), "infra process not reported gone after 2 s");
 }
