@@ -257,15 +257,33 @@ fn seccomp() -> Finding {
     }
 }
 
+/// With AppArmor on, every unprivileged container gets berth's default
+/// profile, which berth loads with apparmor_parser: without the parser no
+/// such container can be created.
 fn apparmor() -> Finding {
-    match std::fs::read_to_string("/sys/module/apparmor/parameters/enabled") {
-        Ok(v) if v.trim() == "Y" => finding(Outcome::Ok, "apparmor", "enabled"),
-        _ => finding(
+    if !crate::executor::lsm::apparmor_enabled() {
+        return finding(
             Outcome::Optional,
             "apparmor",
             "not enabled: pods that ask for an AppArmor profile are refused",
-        ),
+        );
     }
+    if which("apparmor_parser").is_some() {
+        finding(Outcome::Ok, "apparmor", "enabled; apparmor_parser found")
+    } else {
+        finding(
+            Outcome::Missing,
+            "apparmor",
+            "enabled, but apparmor_parser is missing: containers need the default profile loaded; install the apparmor package",
+        )
+    }
+}
+
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
 }
 
 fn cni(config: &Config) -> Finding {

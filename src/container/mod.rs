@@ -5,6 +5,7 @@
 //! owns the process. The daemon learns of exits from exit records the
 //! monitors write, through an inotify watcher.
 
+pub mod apparmor;
 pub mod exec;
 pub mod spec;
 pub mod user;
@@ -75,6 +76,8 @@ pub enum ContainerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Exec(#[from] exec::ExecError),
+    #[error(transparent)]
+    AppArmor(#[from] apparmor::AppArmorError),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -579,6 +582,18 @@ impl ContainerManager {
             pids_limit: None,
         };
         let spec = spec::build(&input)?;
+        if spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.apparmor_profile().as_deref())
+            == Some(spec::APPARMOR_DEFAULT_PROFILE)
+        {
+            let profiles = input.host.apparmor_profiles.clone();
+            blocking(move || {
+                apparmor::ensure_default_profile(spec::APPARMOR_DEFAULT_PROFILE, &profiles)
+            })
+            .await??;
+        }
         let spec_path = bundle.join("config.json");
         let spec_json = serde_json::to_vec_pretty(&spec).map_err(|e| ContainerError::Io {
             op: "encode spec",

@@ -77,6 +77,8 @@ pub(crate) struct InitPlan {
     pub seccomp: Option<SeccompProgram>,
     pub hostname: Option<String>,
     pub domainname: Option<String>,
+    /// The AppArmor profile the process enters at `execve`.
+    pub apparmor: Option<String>,
     pub sysctls: Vec<(String, String, PathBuf)>,
     pub console_size: Option<(u16, u16)>,
 }
@@ -92,7 +94,7 @@ impl InitPlan {
             .as_ref()
             .ok_or_else(|| ExecutorError::Spec("spec has no root".into()))?;
         let linux = spec.linux().as_ref();
-        lsm::check(
+        let apparmor = lsm::check(
             process.apparmor_profile().as_deref(),
             process.selinux_label().as_deref(),
         )?;
@@ -132,6 +134,7 @@ impl InitPlan {
             seccomp,
             hostname,
             domainname,
+            apparmor,
             sysctls,
             console_size: process
                 .console_size()
@@ -532,6 +535,10 @@ pub(crate) fn setup_terminal(plan: &InitPlan, sock: &SyncSocket) -> Result<(), E
 /// no_new_privs, signals.
 pub(crate) fn apply_process(plan: &InitPlan) -> Result<(), ExecutorError> {
     let p = &plan.process;
+    // First, as runc does: still root, all capabilities, no no_new_privs.
+    if let Some(profile) = &plan.apparmor {
+        lsm::apply_apparmor_on_exec(profile)?;
+    }
     p.apply_rlimits()?;
     if let Some(filter) = &plan.seccomp
         && !p.no_new_privileges

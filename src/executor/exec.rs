@@ -46,7 +46,7 @@ pub fn exec(
     stdio: Stdio,
     cgroup_procs: &[PathBuf],
 ) -> Result<Spawned, ExecutorError> {
-    lsm::check(
+    let apparmor = lsm::check(
         process.apparmor_profile().as_deref(),
         process.selinux_label().as_deref(),
     )?;
@@ -61,6 +61,7 @@ pub fn exec(
             .transpose()?,
         hostname: None,
         domainname: None,
+        apparmor,
         sysctls: Vec::new(),
         console_size: process
             .console_size()

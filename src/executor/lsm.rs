@@ -1,21 +1,36 @@
-//! Linux security modules the spec may name: AppArmor and SELinux. berth
-//! applies neither profile yet; what it guarantees is that a spec asking for
-//! AppArmor on a host without it fails clearly, and that an SELinux label on a
-//! host without SELinux is ignored with a warning (as containerd does).
+//! Linux security modules the spec may name: AppArmor and SELinux.
+//!
+//! AppArmor: the profile must already be loaded (the daemon loads its
+//! default one, `container::apparmor`); the container's process asks the
+//! kernel to enter it at its next `execve`, as runc's `ApplyProfile` does,
+//! while it still runs as root with all capabilities. A spec that names a
+//! profile on a host without AppArmor fails before anything is forked.
+//! SELinux: a label on a host without SELinux is ignored with a warning (as
+//! containerd does); berth does not apply SELinux labels.
 
+use std::io::Write;
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LsmError {
     #[error("apparmor profile {profile:?} requested but this host has no apparmor enabled")]
     NoAppArmor { profile: String },
-    #[error(
-        "apparmor profile {profile:?} requested: applying apparmor profiles is not supported yet"
-    )]
-    AppArmorUnsupported { profile: String },
+    #[error("apply apparmor profile {profile:?} (write {path}): {source}")]
+    Apply {
+        profile: String,
+        path: &'static str,
+        source: std::io::Error,
+    },
 }
 
-fn apparmor_enabled() -> bool {
+/// Where a process sets the profile of its next `execve`: the per-LSM file
+/// (Linux 5.8 and later, works beside other LSMs), then the shared one.
+const EXEC_ATTR_PATHS: [&str; 2] = [
+    "/proc/thread-self/attr/apparmor/exec",
+    "/proc/self/attr/exec",
+];
+
+pub fn apparmor_enabled() -> bool {
     std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
         .map(|s| s.trim_start().starts_with('Y'))
         .unwrap_or(false)
@@ -25,18 +40,13 @@ fn selinux_enabled() -> bool {
     Path::new("/sys/fs/selinux/enforce").exists()
 }
 
-/// Checks the process's LSM settings before anything is forked.
-pub fn check(apparmor_profile: Option<&str>, selinux_label: Option<&str>) -> Result<(), LsmError> {
-    if let Some(profile) = apparmor_profile.filter(|p| !p.is_empty() && *p != "unconfined") {
-        if !apparmor_enabled() {
-            return Err(LsmError::NoAppArmor {
-                profile: profile.to_owned(),
-            });
-        }
-        return Err(LsmError::AppArmorUnsupported {
-            profile: profile.to_owned(),
-        });
-    }
+/// Checks the process's LSM settings before anything is forked. Returns
+/// the AppArmor profile the process must enter, if any.
+pub fn check(
+    apparmor_profile: Option<&str>,
+    selinux_label: Option<&str>,
+) -> Result<Option<String>, LsmError> {
+    let profile = apparmor_to_apply(apparmor_profile, apparmor_enabled())?;
     if let Some(label) = selinux_label.filter(|l| !l.is_empty()) {
         if selinux_enabled() {
             tracing::warn!(
@@ -47,5 +57,83 @@ pub fn check(apparmor_profile: Option<&str>, selinux_label: Option<&str>) -> Res
             tracing::warn!(label, "selinux label ignored: this host has no selinux");
         }
     }
-    Ok(())
+    Ok(profile)
+}
+
+fn apparmor_to_apply(profile: Option<&str>, enabled: bool) -> Result<Option<String>, LsmError> {
+    let Some(profile) = profile.filter(|p| !p.is_empty() && *p != "unconfined") else {
+        return Ok(None);
+    };
+    if !enabled {
+        return Err(LsmError::NoAppArmor {
+            profile: profile.to_owned(),
+        });
+    }
+    Ok(Some(profile.to_owned()))
+}
+
+/// What the kernel expects in the exec attribute to change profile on exec.
+fn exec_attr_value(profile: &str) -> String {
+    format!("exec {profile}")
+}
+
+/// Makes this process enter `profile` at its next `execve`. Runs in the
+/// container's process, where `/proc` is the container's own.
+pub fn apply_apparmor_on_exec(profile: &str) -> Result<(), LsmError> {
+    let value = exec_attr_value(profile);
+    let mut last = None;
+    for path in EXEC_ATTR_PATHS {
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(value.as_bytes()));
+        match written {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => last = Some((path, e)),
+            Err(source) => {
+                return Err(LsmError::Apply {
+                    profile: profile.to_owned(),
+                    path,
+                    source,
+                });
+            }
+        }
+    }
+    let (path, source) = last.unwrap_or((
+        EXEC_ATTR_PATHS[1],
+        std::io::Error::from(std::io::ErrorKind::NotFound),
+    ));
+    Err(LsmError::Apply {
+        profile: profile.to_owned(),
+        path,
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_profile_and_unconfined_need_nothing_even_without_apparmor() {
+        for p in [None, Some(""), Some("unconfined")] {
+            assert_eq!(apparmor_to_apply(p, false).unwrap(), None, "{p:?}");
+            assert_eq!(apparmor_to_apply(p, true).unwrap(), None, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn a_profile_is_applied_with_apparmor_and_refused_without() {
+        assert_eq!(
+            apparmor_to_apply(Some("berth-default"), true).unwrap(),
+            Some("berth-default".to_string())
+        );
+        let err = apparmor_to_apply(Some("berth-default"), false).unwrap_err();
+        assert!(err.to_string().contains("no apparmor enabled"), "{err}");
+    }
+
+    #[test]
+    fn the_exec_attribute_names_the_profile_after_exec() {
+        assert_eq!(exec_attr_value("berth-default"), "exec berth-default");
+    }
 }

@@ -89,9 +89,11 @@ impl From<ContainerError> for Status {
             ContainerError::NotFound(_) | ContainerError::ImageNotFound(_) => {
                 Status::not_found(message)
             }
-            ContainerError::WrongState { .. } | ContainerError::PodNotReady(_) => {
-                Status::failed_precondition(message)
-            }
+            // The host cannot apply what the pod asks: AppArmor's default
+            // profile without apparmor_parser.
+            ContainerError::WrongState { .. }
+            | ContainerError::PodNotReady(_)
+            | ContainerError::AppArmor(_) => Status::failed_precondition(message),
             ContainerError::Exec(crate::container::exec::ExecError::Timeout(_)) => {
                 Status::deadline_exceeded(message)
             }
