@@ -1403,6 +1403,44 @@ async fn containers_outlive_a_daemon_killed_with_sigkill_and_exits_are_recorded_
     rig.finish().await;
 }
 
+#[tokio::test]
+async fn a_torn_exit_record_after_a_crash_makes_the_container_unknown_not_the_daemon_fail() {
+    let Some(mut rig) = Rig::start().await else {
+        return;
+    };
+    let busybox = rig.pull("busybox").await;
+    let pod = rig.pod("torn").await;
+    let torn = rig.run(&pod, container("torn", &busybox, SLEEPER)).await;
+    let pid = rig.pid(&torn).await;
+
+    rig.kill_daemon();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL)
+        .expect("kill the container's init");
+    assert!(wait_gone(pid).await);
+    // Exit records are not flushed to disk: after a machine crash one may
+    // be empty. Make it so.
+    let record = rig.daemon.state.join("exits").join(&torn);
+    within("the exit record", Duration::from_secs(10), async {
+        while !record.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    std::fs::write(&record, b"").expect("truncate the exit record");
+    rig.restart_daemon().await;
+
+    let status = rig.status(&torn).await;
+    assert_eq!(
+        status.state,
+        ContainerState::ContainerUnknown as i32,
+        "{status:?}"
+    );
+    assert!(status.message.contains("exit record"), "{status:?}");
+    rig.remove(&torn).await;
+
+    rig.finish().await;
+}
+
 /// Unmounts (detached) what a test mounted on the host, also on failure.
 struct HostMounts(Vec<PathBuf>);
 
