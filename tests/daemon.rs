@@ -203,6 +203,62 @@ async fn update_runtime_config_keeps_the_pod_cidr_across_restarts() {
     );
 }
 
+/// Unmounts the test's tmpfs, also when the test fails.
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_writes_only_while_it_is_full() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).expect("root dir");
+    nix::mount::mount(
+        Some("tmpfs"),
+        &root,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=4m"),
+    )
+    .expect("mount a small tmpfs");
+    let _tmpfs = Tmpfs(root.clone());
+    let mut daemon = TestDaemon::start_with(Options {
+        root: Some(root.clone()),
+        ..Options::default()
+    });
+    let mut client = daemon.runtime().await;
+
+    // Fill what is left, then write.
+    let filler = root.join("filler");
+    let mut file = std::fs::File::create(&filler).expect("filler");
+    let chunk = vec![0u8; 64 << 10];
+    while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
+    drop(file);
+    let err = client
+        .update_runtime_config(cidr_request("10.244.7.0/24"))
+        .await
+        .expect_err("no space left");
+    assert!(err.message().contains("metadata.redb"), "{}", err.message());
+
+    // redb refuses every transaction after an I/O error until reopened:
+    // the daemon must do that itself once there is room again.
+    std::fs::remove_file(&filler).expect("remove filler");
+    client
+        .update_runtime_config(cidr_request("10.244.8.0/24"))
+        .await
+        .expect("a write after space came back");
+    assert_eq!(reported_pod_cidrs(&daemon).await, vec!["10.244.8.0/24"]);
+    assert!(daemon.stop().success());
+}
+
 #[tokio::test]
 async fn checkpoint_container_answers_unimplemented_with_a_sentence() {
     let daemon = TestDaemon::start();

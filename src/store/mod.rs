@@ -24,8 +24,8 @@ use std::fs::OpenOptions;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use redb::{
     Database, ReadableDatabase, ReadableTable, RepairSession, TableDefinition, WriteTransaction,
@@ -193,7 +193,9 @@ pub struct Store {
 }
 
 struct Inner {
-    db: Database,
+    /// `None` only between dropping a database that hit an I/O error and
+    /// opening it again (see [`Store::reopen`]).
+    db: RwLock<Option<Database>>,
     path: PathBuf,
 }
 
@@ -242,7 +244,10 @@ impl Store {
 
         let db = open_database(&path)?;
         let store = Store {
-            inner: Arc::new(Inner { db, path }),
+            inner: Arc::new(Inner {
+                db: RwLock::new(Some(db)),
+                path,
+            }),
         };
         store.check_schema(supported, migrate)?;
         Ok(store)
@@ -340,15 +345,18 @@ impl Store {
     ) -> Result<R, StoreError> {
         let path = &self.inner.path;
         let _writing = WritingGuard::enter(path)?;
-        let txn = self
-            .inner
-            .db
-            .begin_write()
-            .map_err(|error| StoreError::Transaction {
-                path: path.clone(),
-                op: "write",
-                error,
-            })?;
+        let txn = match self.with_db(|db| db.begin_write()) {
+            Err(error) if after_io_error(&error) => {
+                self.reopen()?;
+                self.with_db(|db| db.begin_write())
+            }
+            other => other,
+        }
+        .map_err(|error| StoreError::Transaction {
+            path: path.clone(),
+            op: "write",
+            error,
+        })?;
         let mut batch = Batch { txn: &txn, path };
         match f(&mut batch) {
             Ok(result) => {
@@ -370,15 +378,57 @@ impl Store {
     }
 
     fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
-        self.inner
-            .db
-            .begin_read()
-            .map_err(|error| StoreError::Transaction {
-                path: self.inner.path.clone(),
-                op: "read",
-                error,
-            })
+        match self.with_db(|db| db.begin_read()) {
+            Err(error) if after_io_error(&error) => {
+                self.reopen()?;
+                self.with_db(|db| db.begin_read())
+            }
+            other => other,
+        }
+        .map_err(|error| StoreError::Transaction {
+            path: self.inner.path.clone(),
+            op: "read",
+            error,
+        })
     }
+
+    /// Runs `f` on the open database; a database that could not be opened
+    /// again after an I/O error answers as one that had the error.
+    fn with_db<R>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<R, redb::TransactionError>,
+    ) -> Result<R, redb::TransactionError> {
+        let db = self.inner.db.read().unwrap_or_else(|p| p.into_inner());
+        match db.as_ref() {
+            Some(db) => f(db),
+            None => Err(redb::TransactionError::Storage(
+                redb::StorageError::PreviousIo,
+            )),
+        }
+    }
+
+    /// After an I/O error (a full disk, say) redb refuses every later
+    /// transaction until the database is closed and opened again; without
+    /// this one ENOSPC would break the daemon's writes until a restart.
+    /// Opening repairs the file from its last committed state.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut db = self.inner.db.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = db.take() {
+            // The file lock is per open file: the old handle must be closed
+            // before the new one can take it.
+            drop(old);
+        }
+        tracing::warn!(path = %self.inner.path.display(), "reopening the metadata database after an I/O error");
+        *db = Some(open_database(&self.inner.path)?);
+        Ok(())
+    }
+}
+
+fn after_io_error(error: &redb::TransactionError) -> bool {
+    matches!(
+        error,
+        redb::TransactionError::Storage(redb::StorageError::PreviousIo)
+    )
 }
 
 /// The operations of one write transaction, handed to [`Store::write`]'s
