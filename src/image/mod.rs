@@ -12,5 +12,7 @@ pub mod pull;
 pub mod reference;
 pub mod snapshot;
 pub mod store;
+#[cfg(test)]
+mod test_http;
 pub mod token;
 pub mod unpack;
