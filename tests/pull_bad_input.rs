@@ -94,6 +94,40 @@ async fn pull_fails(daemon: &TestDaemon, reference: &str, causes: &[&str]) -> to
     err
 }
 
+/// Pulls `reference` with `auth`, which the registry must refuse with
+/// `code`, in a message that names the image, the registry and every one of
+/// `causes`, and none of `secrets`.
+async fn pull_refused(
+    daemon: &TestDaemon,
+    registry: &FakeRegistry,
+    reference: &str,
+    auth: Option<AuthConfig>,
+    code: tonic::Code,
+    causes: &[&str],
+    secrets: &[&str],
+) -> tonic::Status {
+    let mut client = daemon.images().await;
+    let err = pull_with_auth(&mut client, reference, auth)
+        .await
+        .expect_err("the registry refuses the pull");
+    assert_eq!(err.code(), code, "{err:?}");
+    for needle in [reference, registry.address.as_str()].iter().chain(causes) {
+        assert!(
+            err.message().contains(needle),
+            "the error should name {needle:?}: {}",
+            err.message()
+        );
+    }
+    for secret in secrets {
+        assert!(
+            !err.message().contains(secret),
+            "a secret is never printed: {}",
+            err.message()
+        );
+    }
+    err
+}
+
 /// Everything under the store directories, by path relative to the root.
 fn leftovers(daemon: &TestDaemon) -> Vec<PathBuf> {
     let mut found = Vec::new();
@@ -550,11 +584,21 @@ async fn pull_without_credentials_from_registry_that_wants_them_is_unauthorized(
         registry.set_fault(path, Fault::Status(401));
     }
 
-    let err = pull_fails(&daemon, &published.reference, &[]).await;
-    assert!(
-        err.message().to_lowercase().contains("not authorized"),
-        "the error should say the registry refused: {err:?}"
-    );
+    pull_refused(
+        &daemon,
+        &registry,
+        &published.reference,
+        None,
+        tonic::Code::Unknown,
+        &[
+            "fetch manifest",
+            "requires credentials and none were given",
+            "HTTP 401 Unauthorized",
+            "authentication required (UNAUTHORIZED)",
+        ],
+        &[],
+    )
+    .await;
     assert_nothing_left(&daemon);
 }
 
@@ -609,8 +653,18 @@ async fn pull_with_identity_token_trades_it_for_an_access_token() {
     registry.require_token(IDENTITY_TOKEN, ACCESS_TOKEN);
     let mut client = daemon.images().await;
 
-    // The registry does want a token: without credentials the pull fails.
-    pull_fails(&daemon, &published.reference, &[]).await;
+    // The registry does want a token: without credentials the pull fails,
+    // the token service refusing an anonymous one.
+    pull_refused(
+        &daemon,
+        &registry,
+        &published.reference,
+        None,
+        tonic::Code::Unknown,
+        &["fetch anonymous token from"],
+        &[],
+    )
+    .await;
     assert_nothing_left(&daemon);
 
     let id = pull_with_auth(

@@ -1,13 +1,12 @@
 //! Registry credentials: the CRI `AuthConfig` kubelet sends with a pull, and
 //! a docker-style `auth.json` from the config for everything else. Which
-//! field wins follows containerd's CRI `ParseAuth`; an identity token is
-//! traded for an access token by `token.rs` before the pull.
+//! field wins follows containerd's CRI `ParseAuth`; what is sent, and when,
+//! is `authorizer.rs`'s business.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use base64::Engine as _;
-use oci_client::secrets::RegistryAuth;
 use serde::Deserialize;
 
 /// `auth.json` is small; a huge one is a mistake, not credentials.
@@ -17,6 +16,10 @@ const MAX_AUTH_FILE_BYTES: u64 = 1 << 20;
 pub enum AuthError {
     #[error("auth for {registry}: `auth` is not base64 of \"user:password\"")]
     BadAuthField { registry: String },
+    #[error("auth for {registry}: a password was given without a username")]
+    PasswordWithoutUsername { registry: String },
+    #[error("auth for {registry}: the registry token has characters no HTTP header may carry")]
+    BadRegistryToken { registry: String },
     #[error("auth file {path}: {message}")]
     File { path: String, message: String },
 }
@@ -49,21 +52,65 @@ impl std::fmt::Debug for Credentials {
 /// How a pull authenticates, before any exchange with the registry.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Login {
-    /// Handed to the registry client as it is.
-    Ready(RegistryAuth),
-    /// An OAuth2 refresh token, first traded for an access token at the
-    /// registry's token service (`token.rs`).
+    Anonymous,
+    /// Basic auth when the registry asks for it, the OAuth2 password grant
+    /// (or the token GET with basic auth) when it names a token service.
+    /// The username is never empty.
+    Password {
+        username: String,
+        password: String,
+    },
+    /// An OAuth2 refresh token, traded for an access token at the
+    /// registry's token service.
     IdentityToken(String),
+    /// A bearer token for the registry itself, sent as it is.
+    RegistryToken(String),
 }
 
 impl std::fmt::Debug for Login {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            // oci-client's own Debug redacts the secrets.
-            Login::Ready(auth) => f.debug_tuple("Ready").field(auth).finish(),
+            Login::Anonymous => f.write_str("Anonymous"),
+            Login::Password { username, .. } => f
+                .debug_struct("Password")
+                .field("username", username)
+                .field("password", &"<redacted>")
+                .finish(),
             Login::IdentityToken(_) => f.debug_tuple("IdentityToken").field(&"<redacted>").finish(),
+            Login::RegistryToken(_) => f.debug_tuple("RegistryToken").field(&"<redacted>").finish(),
         }
     }
+}
+
+impl Login {
+    /// The secrets in this login, as they could show up in an answer that
+    /// quotes a request: each one, and basic auth's base64 of both.
+    pub fn secrets(&self) -> Vec<String> {
+        match self {
+            Login::Anonymous => Vec::new(),
+            Login::Password { username, password } if !password.is_empty() => vec![
+                password.clone(),
+                base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}")),
+            ],
+            Login::Password { .. } => Vec::new(),
+            Login::IdentityToken(token) => vec![
+                token.clone(),
+                base64::engine::general_purpose::STANDARD.encode(format!(":{token}")),
+            ],
+            Login::RegistryToken(token) => vec![token.clone()],
+        }
+    }
+}
+
+/// `text` with every one of `secrets` replaced: a server may quote what it
+/// was sent.
+pub fn redact(text: &str, secrets: &[String]) -> String {
+    secrets
+        .iter()
+        .filter(|secret| !secret.is_empty())
+        .fold(text.to_string(), |text, secret| {
+            text.replace(secret.as_str(), "<redacted>")
+        })
 }
 
 impl Credentials {
@@ -73,18 +120,33 @@ impl Credentials {
 
     /// How to authenticate with these credentials. The order is
     /// containerd's `ParseAuth` (username, identity token, `auth`), with
-    /// the registry token, which containerd does not support, first.
+    /// the registry token, which containerd does not support, first. A
+    /// password without a username is refused where containerd drops it
+    /// silently: with a token service it would otherwise go out as a
+    /// refresh token.
     pub fn login(&self, registry: &str) -> Result<Login, AuthError> {
         if !self.registry_token.is_empty() {
-            return Ok(Login::Ready(RegistryAuth::Bearer(
-                self.registry_token.clone(),
-            )));
+            // A bearer token is token68 (RFC 7235), printable ASCII.
+            if !self.registry_token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(AuthError::BadRegistryToken {
+                    registry: registry.to_string(),
+                });
+            }
+            return Ok(Login::RegistryToken(self.registry_token.clone()));
         }
+        let password = |username: &str, password: &str| {
+            if username.is_empty() {
+                return Err(AuthError::PasswordWithoutUsername {
+                    registry: registry.to_string(),
+                });
+            }
+            Ok(Login::Password {
+                username: username.to_string(),
+                password: password.to_string(),
+            })
+        };
         if !self.username.is_empty() || !self.password.is_empty() {
-            return Ok(Login::Ready(RegistryAuth::Basic(
-                self.username.clone(),
-                self.password.clone(),
-            )));
+            return password(&self.username, &self.password);
         }
         // Before `auth`: docker writes an identity token beside an `auth`
         // of "<user>:" with no password, which no registry would take.
@@ -99,13 +161,10 @@ impl Credentials {
                 .decode(self.auth.trim())
                 .map_err(|_| bad())?;
             let text = String::from_utf8(decoded).map_err(|_| bad())?;
-            let (user, password) = text.split_once(':').ok_or_else(bad)?;
-            return Ok(Login::Ready(RegistryAuth::Basic(
-                user.to_string(),
-                password.to_string(),
-            )));
+            let (user, secret) = text.split_once(':').ok_or_else(bad)?;
+            return password(user, secret);
         }
-        Ok(Login::Ready(RegistryAuth::Anonymous))
+        Ok(Login::Anonymous)
     }
 }
 
@@ -201,10 +260,10 @@ fn normalize_host(key: &str) -> String {
 mod tests {
     use super::*;
 
-    fn ready(login: Result<Login, AuthError>) -> RegistryAuth {
-        match login {
-            Ok(Login::Ready(auth)) => auth,
-            other => panic!("expected credentials ready for the client: {other:?}"),
+    fn password(username: &str, password: &str) -> Login {
+        Login::Password {
+            username: username.to_string(),
+            password: password.to_string(),
         }
     }
 
@@ -214,21 +273,23 @@ mod tests {
             registry_token: "t".into(),
             ..Credentials::default()
         };
-        assert!(matches!(ready(token.login("r")), RegistryAuth::Bearer(t) if t == "t"));
+        assert_eq!(
+            token.login("r").expect("registry token"),
+            Login::RegistryToken("t".into())
+        );
         let basic = Credentials {
             username: "u".into(),
             password: "p".into(),
             ..Credentials::default()
         };
-        assert!(
-            matches!(ready(basic.login("r")), RegistryAuth::Basic(u, p) if u == "u" && p == "p")
-        );
+        assert_eq!(basic.login("r").expect("password"), password("u", "p"));
         let auth = Credentials {
             auth: base64::engine::general_purpose::STANDARD.encode("me:secret:with:colons"),
             ..Credentials::default()
         };
-        assert!(
-            matches!(ready(auth.login("r")), RegistryAuth::Basic(u, p) if u == "me" && p == "secret:with:colons")
+        assert_eq!(
+            auth.login("r").expect("auth"),
+            password("me", "secret:with:colons")
         );
         let bad = Credentials {
             auth: "!!!".into(),
@@ -238,10 +299,10 @@ mod tests {
             bad.login("r"),
             Err(AuthError::BadAuthField { .. })
         ));
-        assert!(matches!(
-            ready(Credentials::default().login("r")),
-            RegistryAuth::Anonymous
-        ));
+        assert_eq!(
+            Credentials::default().login("r").expect("anonymous"),
+            Login::Anonymous
+        );
         let identity = Credentials {
             identity_token: "x".into(),
             ..Credentials::default()
@@ -250,6 +311,43 @@ mod tests {
             identity.login("r").expect("identity token"),
             Login::IdentityToken("x".into())
         );
+    }
+
+    #[test]
+    fn a_registry_token_must_fit_in_a_header() {
+        let broken = Credentials {
+            registry_token: "abc\r\nX-Injected: 1".into(),
+            ..Credentials::default()
+        };
+        assert!(matches!(
+            broken.login("r"),
+            Err(AuthError::BadRegistryToken { .. })
+        ));
+    }
+
+    #[test]
+    fn a_password_needs_a_username() {
+        let bare = Credentials {
+            password: "p".into(),
+            ..Credentials::default()
+        };
+        let no_user_in_auth = Credentials {
+            auth: base64::engine::general_purpose::STANDARD.encode(":p"),
+            ..Credentials::default()
+        };
+        for credentials in [bare, no_user_in_auth] {
+            let err = credentials.login("r.example").expect_err("no username");
+            assert!(
+                matches!(err, AuthError::PasswordWithoutUsername { ref registry } if registry == "r.example"),
+                "{err}"
+            );
+        }
+        // A username alone is a login without a secret, as in containerd.
+        let user_only = Credentials {
+            username: "u".into(),
+            ..Credentials::default()
+        };
+        assert_eq!(user_only.login("r").expect("username"), password("u", ""));
     }
 
     #[test]
@@ -272,7 +370,22 @@ mod tests {
             identity_token: "refresh".into(),
             ..Credentials::default()
         };
-        assert!(matches!(ready(with_user.login("r")), RegistryAuth::Basic(u, _) if u == "u"));
+        assert_eq!(with_user.login("r").expect("login"), password("u", "p"));
+    }
+
+    #[test]
+    fn redaction_removes_every_secret_of_a_login_and_its_basic_form() {
+        let login = password("alice", "hunter2");
+        let basic = base64::engine::general_purpose::STANDARD.encode("alice:hunter2");
+        let text = format!("got hunter2 in Basic {basic}, twice: hunter2");
+        let redacted = redact(&text, &login.secrets());
+        assert_eq!(
+            redacted,
+            "got <redacted> in Basic <redacted>, twice: <redacted>"
+        );
+        assert_eq!(redact("nothing", &Login::Anonymous.secrets()), "nothing");
+        // An empty password is no secret: redacting "" would mangle text.
+        assert_eq!(redact("abc", &password("u", "").secrets()), "abc");
     }
 
     #[test]
@@ -285,8 +398,10 @@ mod tests {
             registry_token: "bearer-secret".into(),
         };
         let text = format!(
-            "{credentials:?} {:?}",
-            Login::IdentityToken("refresh-secret".into())
+            "{credentials:?} {:?} {:?} {:?}",
+            Login::IdentityToken("refresh-secret".into()),
+            Login::RegistryToken("bearer-secret".into()),
+            password("user", "hunter2"),
         );
         for secret in ["hunter2", "YXV0aA==", "refresh-secret", "bearer-secret"] {
             assert!(!text.contains(secret), "{text}");

@@ -3,6 +3,27 @@
 //! causes. Shared by the pull and the token exchange so that both quote a
 //! server the same way.
 
+/// How a registry or its token service turned a pull away, as far as its
+/// status says: the one thing about an HTTP failure the gRPC code reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// 401: who the client is (nobody, or the credentials sent) is not
+    /// accepted.
+    Unauthenticated,
+    /// 403: the client is known and may not pull this.
+    Denied,
+}
+
+impl Refusal {
+    pub fn of_status(status: u16) -> Option<Refusal> {
+        match status {
+            401 => Some(Refusal::Unauthenticated),
+            403 => Some(Refusal::Denied),
+            _ => None,
+        }
+    }
+}
+
 /// The messages of an error body, or the start of the body. Registries
 /// answer `{"errors":[{"code","message"}]}` (distribution spec); OAuth2
 /// token services `{"error","error_description"}` (RFC 6749 §5.2).
@@ -60,6 +81,15 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_401_and_403_are_refusals() {
+        assert_eq!(Refusal::of_status(401), Some(Refusal::Unauthenticated));
+        assert_eq!(Refusal::of_status(403), Some(Refusal::Denied));
+        for status in [200, 400, 404, 405, 429, 500] {
+            assert_eq!(Refusal::of_status(status), None, "{status}");
+        }
+    }
 
     #[test]
     fn error_bodies_of_registries_and_token_services_are_quoted() {

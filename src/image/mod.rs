@@ -2,6 +2,7 @@
 //! and overlay snapshots. Built piece by piece; see the images issue.
 
 pub mod auth;
+pub mod authorizer;
 pub mod content;
 pub mod digest;
 pub mod http_errors;

@@ -13,17 +13,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
-use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference as OciReference, RegistryOperation};
+use futures_util::stream::{BoxStream, FuturesUnordered};
+use oci_client::Reference as OciReference;
+use reqwest::{StatusCode, header};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::config::{ImageConfig, RegistryConfig};
 use crate::image::auth::{AuthError, AuthStore, Credentials, Login};
+use crate::image::authorizer::Authorizer;
 use crate::image::content::{BlobWriter, ContentError, ContentStore};
 use crate::image::digest::Digest;
-use crate::image::http_errors::{error_chain, registry_errors};
+use crate::image::http_errors::{Refusal, error_chain, registry_errors};
 use crate::image::layers::{LayerError, LayerIds, LayerStore};
 use crate::image::manifest::{
     self, Descriptor, Fetched, ImageConfigFile, ImageManifest, ManifestError, Platform,
@@ -42,6 +42,8 @@ const MAX_LAYER_ENTRIES: u64 = 10_000_000;
 /// Chunks buffered between the download and the unpacker.
 const CHUNKS_IN_FLIGHT: usize = 16;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Of an error answer, enough to quote what the registry said.
+const MAX_ERROR_BODY_BYTES: usize = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
@@ -53,6 +55,14 @@ pub enum PullError {
     Token(#[from] TokenError),
     #[error("{endpoint}: {message}")]
     Registry { endpoint: String, message: String },
+    /// The registry turned the credentials (or their absence) away.
+    #[error("{endpoint}: {what}: {message}")]
+    Refused {
+        endpoint: String,
+        what: String,
+        refusal: Refusal,
+        message: String,
+    },
     #[error("{endpoint}: {source}")]
     Manifest {
         endpoint: String,
@@ -77,15 +87,39 @@ pub enum PullError {
     },
     #[error("{endpoint}: no bytes received for {secs} s (image_pull_progress_timeout)")]
     Stalled { endpoint: String, secs: u64 },
-    #[error("pull image {image}: {}", attempts.join("; "))]
+    #[error("pull image {image}: {}", join(attempts))]
     Failed {
         image: String,
-        attempts: Vec<String>,
+        /// Each endpoint's failure, in the order tried: mirrors, then the
+        /// registry itself.
+        attempts: Vec<PullError>,
     },
     #[error("layer {digest}: not fetched, another layer of the image failed")]
     Cancelled { digest: String },
     #[error("unpack task failed: {0}")]
     Task(String),
+}
+
+impl PullError {
+    /// Whether a registry or its token service refused the pull's
+    /// credentials. Of several endpoints, the last one that refused
+    /// answers: the image's own registry comes after its mirrors.
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            PullError::Refused { refusal, .. } => Some(*refusal),
+            PullError::Token(e) => e.refusal(),
+            PullError::Failed { attempts, .. } => attempts.iter().rev().find_map(Self::refusal),
+            _ => None,
+        }
+    }
+}
+
+fn join(attempts: &[PullError]) -> String {
+    attempts
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// A pulled image as the image store records it.
@@ -119,11 +153,10 @@ pub struct Puller {
 struct Session<'a> {
     endpoint: &'a Endpoint,
     name: String,
-    client: Client,
-    /// For manifests, which oci-client would read whole before berth could
-    /// bound them; authenticated with the token oci-client negotiates.
+    /// Every request of the pull, manifests and blobs, with what
+    /// `authorizer` says.
     http: reqwest::Client,
-    auth: RegistryAuth,
+    authorizer: Authorizer,
 }
 
 impl Session<'_> {
@@ -182,14 +215,14 @@ impl Puller {
         let mut attempts = Vec::new();
         for endpoint in &endpoints {
             let attempt = async {
-                let session = self.session(image, endpoint, credentials).await?;
+                let session = self.session(image, endpoint, credentials)?;
                 self.pull_from(image, &session).await
             };
             match attempt.await {
                 Ok(pulled) => return Ok(pulled),
                 Err(e) => {
                     tracing::info!(image = %image, endpoint = %endpoint.host, "pull attempt failed: {e}");
-                    attempts.push(e.to_string());
+                    attempts.push(e);
                 }
             }
         }
@@ -199,7 +232,7 @@ impl Puller {
         })
     }
 
-    async fn session<'a>(
+    fn session<'a>(
         &self,
         image: &Reference,
         endpoint: &'a Endpoint,
@@ -219,46 +252,25 @@ impl Puller {
             });
             match file_entry {
                 Some(creds) => creds.login(&endpoint.host)?,
-                None => Login::Ready(RegistryAuth::Anonymous),
+                None => Login::Anonymous,
             }
         };
-        let client = Client::new(ClientConfig {
-            protocol: if endpoint.insecure {
-                ClientProtocol::Http
-            } else {
-                ClientProtocol::Https
-            },
-            platform_resolver: None,
-            max_concurrent_download: self.config.max_concurrent_downloads,
-            connect_timeout: Some(CONNECT_TIMEOUT),
-            read_timeout: Some(self.progress_timeout()),
-            ..ClientConfig::default()
-        });
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .read_timeout(self.progress_timeout())
+            .user_agent(token::USER_AGENT)
             .build()
             .map_err(|e| PullError::Registry {
                 endpoint: name.clone(),
                 message: format!("HTTP client: {e}"),
             })?;
-        let auth = match login {
-            Login::Ready(auth) => auth,
-            // Traded once per endpoint and pull: the access token is
-            // scoped to this repository, and a pull is one session.
-            Login::IdentityToken(identity_token) => {
-                match token::access_token(&http, endpoint, &identity_token).await? {
-                    Some(access_token) => RegistryAuth::Bearer(access_token),
-                    None => RegistryAuth::Anonymous,
-                }
-            }
-        };
+        // One per endpoint and pull: a token is scoped to one repository.
+        let authorizer = Authorizer::new(http.clone(), endpoint, login);
         Ok(Session {
             endpoint,
             name,
-            client,
             http,
-            auth,
+            authorizer,
         })
     }
 
@@ -457,13 +469,7 @@ impl Puller {
         if self.content.contains(digest) {
             return Ok(self.content.read(digest, manifest::MAX_CONFIG_BYTES)?);
         }
-        let reference = session.reference_by_digest(digest);
-        let mut stream = session
-            .client
-            .pull_blob_stream(&reference, descriptor.digest.as_str())
-            .await
-            .map_err(|e| session.registry_err(format!("fetch config {digest}: {e}")))?
-            .stream;
+        let mut stream = fetch_blob(session, digest, "config").await?;
         let mut bytes = Vec::new();
         while let Some(chunk) = stream.next().await {
             let chunk =
@@ -548,13 +554,7 @@ impl Puller {
             return Ok(());
         }
 
-        let reference = session.reference_by_digest(&ids.digest);
-        let mut stream = session
-            .client
-            .pull_blob_stream(&reference, descriptor.digest.as_str())
-            .await
-            .map_err(|e| session.registry_err(format!("fetch layer {}: {e}", ids.digest)))?
-            .stream;
+        let mut stream = fetch_blob(session, &ids.digest, "layer").await?;
         let writer = self.content.writer(&ids.digest, Some(descriptor.size))?;
         let (tx, rx) = mpsc::channel::<std::io::Result<Option<Bytes>>>(CHUNKS_IN_FLIGHT);
         let tee = Arc::new(Mutex::new(Tee {
@@ -641,13 +641,6 @@ async fn fetch_bounded_manifest(
             limit: manifest::MAX_MANIFEST_BYTES,
         },
     };
-    // oci-client does the token dance (anonymous, basic or bearer
-    // challenge) and hands back a bearer token when the registry wants one.
-    let token = session
-        .client
-        .auth(reference, &session.auth, RegistryOperation::Pull)
-        .await
-        .map_err(|e| fail(e.to_string()))?;
     let scheme = if session.endpoint.insecure {
         "http"
     } else {
@@ -661,16 +654,14 @@ async fn fetch_bounded_manifest(
         "{scheme}://{}/v2/{}/manifests/{target}",
         session.endpoint.host, session.endpoint.repository
     );
-    let mut request = session
-        .http
-        .get(&url)
-        .header(reqwest::header::ACCEPT, manifest::ACCEPT.join(", "));
-    request = match (&token, &session.auth) {
-        (Some(token), _) | (None, RegistryAuth::Bearer(token)) => request.bearer_auth(token),
-        (None, RegistryAuth::Basic(user, password)) => request.basic_auth(user, Some(password)),
-        (None, RegistryAuth::Anonymous) => request,
-    };
-    let response = request.send().await.map_err(|e| fail(error_chain(&e)))?;
+    let accept = manifest::ACCEPT.join(", ");
+    let response = send_authorized(
+        session,
+        &url,
+        Some(&accept),
+        &format!("fetch manifest {what}"),
+    )
+    .await?;
     let status = response.status();
     if let Some(declared) = response.content_length()
         && declared > manifest::MAX_MANIFEST_BYTES
@@ -686,16 +677,142 @@ async fn fetch_bounded_manifest(
         }
         body.extend_from_slice(&chunk);
     }
-    if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+    if !status.is_success() {
         return Err(fail(format!(
-            "not authorized (HTTP {status}): {}",
-            registry_errors(&body)
+            "HTTP {status}: {}",
+            session.authorizer.redact(&registry_errors(&body))
         )));
     }
-    if !status.is_success() {
-        return Err(fail(format!("HTTP {status}: {}", registry_errors(&body))));
-    }
     Ok(Bytes::from(body))
+}
+
+/// Opens blob `digest` of the session's repository (`what` it is, for
+/// errors) as a stream of its bytes.
+async fn fetch_blob(
+    session: &Session<'_>,
+    digest: &Digest,
+    what: &str,
+) -> Result<BoxStream<'static, std::io::Result<Bytes>>, PullError> {
+    let scheme = if session.endpoint.insecure {
+        "http"
+    } else {
+        "https"
+    };
+    let url = format!(
+        "{scheme}://{}/v2/{}/blobs/{digest}",
+        session.endpoint.host, session.endpoint.repository
+    );
+    let what = format!("fetch {what} {digest}");
+    let response = send_authorized(session, &url, None, &what).await?;
+    let status = response.status();
+    if !status.is_success() {
+        let body = error_body(response).await;
+        return Err(session.registry_err(format!(
+            "{what}: HTTP {status}: {}",
+            session.authorizer.redact(&registry_errors(&body))
+        )));
+    }
+    Ok(response
+        .bytes_stream()
+        .map(|chunk| chunk.map_err(|e| std::io::Error::other(error_chain(&e))))
+        .boxed())
+}
+
+/// GETs `url` of the session's endpoint with what the authorizer says.
+/// A 401 is answered once: it is the registry's first challenge, or the
+/// token expired during the pull. A second 401, or a 403, is a refusal.
+/// Nothing of an answer that is retried has been read as content, so a
+/// blob whose request is retried starts again from its first byte.
+async fn send_authorized(
+    session: &Session<'_>,
+    url: &str,
+    accept: Option<&str>,
+    what: &str,
+) -> Result<reqwest::Response, PullError> {
+    let mut answered = false;
+    loop {
+        let sent = session.authorizer.authorization().await;
+        let mut request = session.http.get(url);
+        if let Some(accept) = accept {
+            request = request.header(header::ACCEPT, accept);
+        }
+        if let Some(authorization) = &sent.header {
+            request = request.header(header::AUTHORIZATION, authorization.clone());
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| session.registry_err(format!("{what}: {}", error_chain(&e))))?;
+        let status = response.status();
+        let Some(refusal) = Refusal::of_status(status.as_u16()) else {
+            return Ok(response);
+        };
+        // A redirect to storage elsewhere went without Authorization
+        // (reqwest drops it across hosts): its 401 or 403 is not about
+        // berth's credentials.
+        if !same_origin(response.url(), url) {
+            return Ok(response);
+        }
+        let challenges: Vec<String> = response
+            .headers()
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .map(str::to_string)
+            .collect();
+        let body = error_body(response).await;
+        if status == StatusCode::UNAUTHORIZED
+            && !answered
+            && session.authorizer.unauthorized(&sent, &challenges).await?
+        {
+            answered = true;
+            continue;
+        }
+        // Registries that must not tell which repositories exist (Docker
+        // Hub) answer 401 for a missing one too, hence containerd's "pull
+        // access denied, repository does not exist or may require
+        // authorization".
+        let host = &session.endpoint.host;
+        let verdict = match refusal {
+            Refusal::Denied => format!("{host} denied access"),
+            Refusal::Unauthenticated if session.authorizer.has_credentials() => {
+                format!("{host} refused the credentials (or the repository does not exist)")
+            }
+            Refusal::Unauthenticated => format!(
+                "{host} requires credentials and none were given (or the repository does not exist)"
+            ),
+        };
+        return Err(PullError::Refused {
+            endpoint: session.name.clone(),
+            what: what.to_string(),
+            refusal,
+            message: format!(
+                "{verdict} (HTTP {status}): {}",
+                session.authorizer.redact(&registry_errors(&body))
+            ),
+        });
+    }
+}
+
+fn same_origin(answered: &reqwest::Url, asked: &str) -> bool {
+    reqwest::Url::parse(asked).is_ok_and(|asked| {
+        asked.scheme() == answered.scheme()
+            && asked.host_str() == answered.host_str()
+            && asked.port_or_known_default() == answered.port_or_known_default()
+    })
+}
+
+/// The start of an error answer's body; what cannot be read is left out.
+async fn error_body(mut response: reqwest::Response) -> Vec<u8> {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = MAX_ERROR_BODY_BYTES - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() == MAX_ERROR_BODY_BYTES {
+            break;
+        }
+    }
+    body
 }
 
 /// The download's chunks, written to the content store as they are read.

@@ -1,23 +1,22 @@
-//! Identity tokens: an OAuth2 refresh token (CRI `AuthConfig.identity_token`,
-//! `identitytoken` in a docker `auth.json`) traded for an access token at the
-//! registry's token service, by containerd's rules
+//! Bearer tokens from a registry's token service, by containerd's rules
 //! (`core/remotes/docker/authorizer.go` `doBearerAuth`,
-//! `core/remotes/docker/auth/fetch.go` `FetchTokenWithOAuth`/`FetchToken`).
+//! `core/remotes/docker/auth/fetch.go` `FetchTokenWithOAuth`/`FetchToken`):
+//! with a secret, the OAuth2 POST of the distribution spec first (the
+//! password grant for a username and password, the refresh-token grant for
+//! an identity token), and the GET of the token spec with basic auth only
+//! when the service refuses the POST in the ways containerd knows; without
+//! a secret, an anonymous GET.
 //!
-//! oci-client fetches bearer tokens only with the GET of the token spec, a
-//! password in basic auth; a refresh token belongs in the POST form of the
-//! distribution OAuth2 spec. So berth reads the registry's challenge and
-//! fetches the access token here, and oci-client gets that as a bearer
-//! token. The identity token goes nowhere else: not to oci-client, not into
-//! a log line, not into an error (a token service that echoes it is
-//! redacted).
+//! Secrets go to the token service and nowhere else: not into a log line,
+//! not into an error (a service that echoes one is redacted), and not over
+//! plain HTTP when the registry itself is reached over TLS.
 
 use std::time::Duration;
 
 use reqwest::{StatusCode, Url, header};
 
-use crate::image::http_errors::{error_chain, registry_errors};
-use crate::image::mirrors::Endpoint;
+use crate::image::auth::redact;
+use crate::image::http_errors::{Refusal, error_chain, registry_errors};
 
 /// The `client_id` berth gives token services, where containerd gives
 /// `containerd-client`. The OAuth2 spec requires one; services use it to
@@ -28,120 +27,114 @@ const MAX_TOKEN_RESPONSE_BYTES: usize = 1 << 20;
 /// Bounds each request of the exchange as a whole: the client's read timeout
 /// alone lets a server that trickles bytes hold a pull for ever.
 const TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
-const USER_AGENT: &str = concat!("berth/", env!("CARGO_PKG_VERSION"));
-const BASIC_ONLY: &str = "the registry asks for basic auth, which an identity token cannot answer (it needs a bearer token service)";
+pub const USER_AGENT: &str = concat!("berth/", env!("CARGO_PKG_VERSION"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("auth for {registry}: ping {url}: {message}")]
-    Ping {
-        registry: String,
-        url: String,
-        message: String,
-    },
     #[error("auth for {registry}: {message}")]
     Challenge { registry: String, message: String },
     #[error(
-        "auth for {registry}: identity token not sent to token service {realm}: it is plain HTTP, and the registry is reached over HTTPS"
+        "auth for {registry}: {secret} not sent to token service {realm}: it is plain HTTP, and the registry is reached over HTTPS"
     )]
-    InsecureRealm { registry: String, realm: String },
-    #[error("auth for {registry}: fetch oauth token from {realm}: {message}")]
+    InsecureRealm {
+        registry: String,
+        realm: String,
+        secret: &'static str,
+    },
+    #[error("auth for {registry}: fetch {kind} token from {realm}: {message}")]
     Fetch {
         registry: String,
         realm: String,
+        /// `oauth` with a secret, `anonymous` without, as containerd says.
+        kind: &'static str,
         message: String,
+        /// How the service's last answer turned the request away, if it did.
+        refusal: Option<Refusal>,
     },
 }
 
-/// An access token for pulling from `endpoint`, traded for
-/// `identity_token`. `None` when the registry's `/v2/` asks for no auth:
-/// containerd sends credentials only when challenged, and so does berth.
-pub async fn access_token(
-    http: &reqwest::Client,
-    endpoint: &Endpoint,
-    identity_token: &str,
-) -> Result<Option<String>, TokenError> {
-    let registry = endpoint.host.clone();
-    let scheme = if endpoint.insecure { "http" } else { "https" };
-    // oci-client learns the challenge from `/v2/` too; the pull's first
-    // request then carries the token.
-    let url = format!("{scheme}://{}/v2/", endpoint.host);
-    let ping = http
-        .get(&url)
-        .header(header::USER_AGENT, USER_AGENT)
-        .timeout(TOKEN_REQUEST_TIMEOUT)
-        .send()
-        .await
-        .map_err(|e| TokenError::Ping {
-            registry: registry.clone(),
-            url: url.clone(),
-            message: error_chain(&e),
-        })?;
-    let headers: Vec<String> = ping
-        .headers()
-        .get_all(header::WWW_AUTHENTICATE)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .map(str::to_string)
-        .collect();
-    drop(ping);
-    let challenge_err = |message: String| TokenError::Challenge {
-        registry: registry.clone(),
-        message,
-    };
-    let (realm, service, challenge_scopes) =
-        match parse_challenges(headers.iter().map(String::as_str)).map_err(challenge_err)? {
-            None => return Ok(None),
-            // containerd answers basic with the username and secret, and
-            // refuses an empty username: an identity token has none.
-            Some(Challenge::Basic) => return Err(challenge_err(BASIC_ONLY.to_string())),
-            Some(Challenge::Bearer {
-                realm,
-                service,
-                scopes,
-            }) => (realm, service, scopes),
-        };
-    let realm = check_realm(&realm, endpoint.insecure).map_err(|e| match e {
-        RealmError::Invalid(message) => challenge_err(message),
-        RealmError::Insecure => TokenError::InsecureRealm {
-            registry: registry.clone(),
-            realm: realm.clone(),
-        },
-    })?;
-    let request = TokenRequest {
-        realm,
-        service,
-        scopes: token_scopes(&endpoint.repository, &challenge_scopes),
-        identity_token: identity_token.to_string(),
-    };
-    let token = fetch(http, &request)
-        .await
-        .map_err(|message| TokenError::Fetch {
-            registry: registry.clone(),
-            realm: request.realm.to_string(),
-            message,
-        })?;
-    tracing::debug!(registry = %registry, realm = %request.realm, "identity token traded for an access token");
-    Ok(Some(token))
+impl TokenError {
+    /// Whether the token service refused who berth said it was.
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            TokenError::Fetch { refusal, .. } => *refusal,
+            TokenError::Challenge { .. } | TokenError::InsecureRealm { .. } => None,
+        }
+    }
 }
 
-/// What a registry's `WWW-Authenticate` asks for, as far as an identity
-/// token is concerned.
+/// What a token request proves: containerd's `TokenOptions` username and
+/// secret, as the three cases they make.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Grant {
+    Anonymous,
+    /// The OAuth2 password grant; the username is never empty.
+    Password {
+        username: String,
+        password: String,
+    },
+    /// The OAuth2 refresh-token grant: an identity token, no username.
+    RefreshToken(String),
+}
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Grant::Anonymous => f.write_str("Anonymous"),
+            Grant::Password { username, .. } => f
+                .debug_struct("Password")
+                .field("username", username)
+                .field("password", &"<redacted>")
+                .finish(),
+            Grant::RefreshToken(_) => f.debug_tuple("RefreshToken").field(&"<redacted>").finish(),
+        }
+    }
+}
+
+impl Grant {
+    /// The username and secret of basic auth on the GET, as containerd's
+    /// `FetchToken` sets them; `None` for an anonymous request.
+    fn basic(&self) -> Option<(&str, &str)> {
+        match self {
+            Grant::Anonymous => None,
+            Grant::Password { username, password } => Some((username, password)),
+            Grant::RefreshToken(token) => Some(("", token)),
+        }
+    }
+
+    /// What a service could echo back of this grant.
+    fn secrets(&self) -> Vec<String> {
+        use base64::Engine as _;
+        match self.basic() {
+            None => Vec::new(),
+            Some((username, secret)) => vec![
+                secret.to_string(),
+                base64::engine::general_purpose::STANDARD.encode(format!("{username}:{secret}")),
+            ],
+        }
+    }
+}
+
+/// A registry's Bearer challenge: where to ask for a token, and for what.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Challenge {
-    Bearer {
-        realm: String,
-        /// Empty when the challenge names none.
-        service: String,
-        scopes: Vec<String>,
-    },
+pub struct BearerChallenge {
+    pub realm: String,
+    /// Empty when the challenge names none.
+    pub service: String,
+    pub scopes: Vec<String>,
+}
+
+/// What a registry's `WWW-Authenticate` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    Bearer(BearerChallenge),
     Basic,
 }
 
 /// The first Bearer or Basic challenge among every `WWW-Authenticate`
 /// value, in order, as containerd's `AddResponses` takes it. `Ok(None)`:
 /// the registry asked for nothing.
-fn parse_challenges<'a>(
+pub fn parse_challenges<'a>(
     headers: impl IntoIterator<Item = &'a str>,
 ) -> Result<Option<Challenge>, String> {
     let mut seen = Vec::new();
@@ -174,11 +167,11 @@ fn parse_challenges<'a>(
                         .collect()
                 })
                 .unwrap_or_default();
-            return Ok(Some(Challenge::Bearer {
+            return Ok(Some(Challenge::Bearer(BearerChallenge {
                 realm,
                 service: param("service").unwrap_or_default(),
                 scopes,
-            }));
+            })));
         }
     }
     if seen.is_empty() {
@@ -190,22 +183,76 @@ fn parse_challenges<'a>(
     ))
 }
 
+/// A token for pulling `repository` from `registry`, asked of the token
+/// service `challenge` names, proving `grant`.
+pub async fn fetch_token(
+    http: &reqwest::Client,
+    registry: &str,
+    registry_insecure: bool,
+    repository: &str,
+    challenge: &BearerChallenge,
+    grant: &Grant,
+) -> Result<String, TokenError> {
+    let secret = match grant {
+        Grant::Anonymous => None,
+        Grant::Password { .. } => Some("password"),
+        Grant::RefreshToken(_) => Some("identity token"),
+    };
+    // Insecure only comes with a secret: without one, plain HTTP is fine.
+    let realm = check_realm(&challenge.realm, registry_insecure || secret.is_none()).map_err(
+        |e| match e {
+            RealmError::Insecure => TokenError::InsecureRealm {
+                registry: registry.to_string(),
+                realm: challenge.realm.clone(),
+                secret: secret.unwrap_or("secret"),
+            },
+            RealmError::Invalid(message) => TokenError::Challenge {
+                registry: registry.to_string(),
+                message,
+            },
+        },
+    )?;
+    let request = TokenRequest {
+        realm,
+        service: challenge.service.clone(),
+        scopes: token_scopes(repository, &challenge.scopes),
+        grant: grant.clone(),
+    };
+    let token = fetch(http, &request)
+        .await
+        .map_err(|failure| TokenError::Fetch {
+            registry: registry.to_string(),
+            realm: request.realm.to_string(),
+            kind: if secret.is_some() {
+                "oauth"
+            } else {
+                "anonymous"
+            },
+            refusal: failure
+                .status
+                .and_then(|status| Refusal::of_status(status.as_u16())),
+            message: failure.message,
+        })?;
+    tracing::debug!(registry = %registry, realm = %request.realm, grant = ?request.grant, "bearer token fetched");
+    Ok(token)
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum RealmError {
     Invalid(String),
     Insecure,
 }
 
-/// The realm as a URL the identity token may go to. containerd sends it to
-/// whatever the registry names; berth also refuses to send a long-lived
-/// secret in clear text when the registry itself is reached over TLS.
-fn check_realm(realm: &str, registry_insecure: bool) -> Result<Url, RealmError> {
+/// The realm as a URL a secret may go to. containerd sends it to whatever
+/// the registry names; berth also refuses to send a secret in clear text
+/// when the registry itself is reached over TLS (`plain_http_ok` is false).
+fn check_realm(realm: &str, plain_http_ok: bool) -> Result<Url, RealmError> {
     let url = Url::parse(realm).map_err(|e| {
         RealmError::Invalid(format!("invalid token auth challenge realm {realm:?}: {e}"))
     })?;
     match url.scheme() {
         "https" => Ok(url),
-        "http" if registry_insecure => Ok(url),
+        "http" if plain_http_ok => Ok(url),
         "http" => Err(RealmError::Insecure),
         other => Err(RealmError::Invalid(format!(
             "token auth challenge realm {realm:?} has scheme {other:?}, not http or https"
@@ -213,26 +260,13 @@ fn check_realm(realm: &str, registry_insecure: bool) -> Result<Url, RealmError> 
     }
 }
 
-/// One token request: containerd's `TokenOptions` with the identity token
-/// as the secret and no username, which is what makes it a refresh-token
-/// grant (containerd's CRI `ParseAuth` gives `("", identity_token)`).
-#[derive(Clone, PartialEq, Eq)]
+/// One token request: containerd's `TokenOptions`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct TokenRequest {
     realm: Url,
     service: String,
     scopes: Vec<String>,
-    identity_token: String,
-}
-
-impl std::fmt::Debug for TokenRequest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenRequest")
-            .field("realm", &self.realm.as_str())
-            .field("service", &self.service)
-            .field("scopes", &self.scopes)
-            .field("identity_token", &"<redacted>")
-            .finish()
-    }
+    grant: Grant,
 }
 
 /// The pull scope of `repository` and the challenge's own scopes, sorted
@@ -245,23 +279,34 @@ fn token_scopes(repository: &str, challenge_scopes: &[String]) -> Vec<String> {
     scopes
 }
 
-/// The form of the OAuth2 POST, as `FetchTokenWithOAuth` with an empty
-/// username. `access_type=offline` asks for a refresh token back; berth has
-/// nowhere to keep one (kubelet owns the credentials), so it never asks.
-fn oauth_form(request: &TokenRequest) -> Vec<(&'static str, String)> {
+/// The form of the OAuth2 POST, as `FetchTokenWithOAuth`; `None` for an
+/// anonymous request, which containerd never POSTs. `access_type=offline`
+/// asks for a refresh token back; berth has nowhere to keep one (kubelet
+/// owns the credentials), so it never asks.
+fn oauth_form(request: &TokenRequest) -> Option<Vec<(&'static str, String)>> {
     let mut form = Vec::new();
     if !request.scopes.is_empty() {
         form.push(("scope", request.scopes.join(" ")));
     }
     form.push(("service", request.service.clone()));
     form.push(("client_id", CLIENT_ID.to_string()));
-    form.push(("grant_type", "refresh_token".to_string()));
-    form.push(("refresh_token", request.identity_token.clone()));
-    form
+    match &request.grant {
+        Grant::Anonymous => return None,
+        Grant::Password { username, password } => {
+            form.push(("grant_type", "password".to_string()));
+            form.push(("username", username.clone()));
+            form.push(("password", password.clone()));
+        }
+        Grant::RefreshToken(token) => {
+            form.push(("grant_type", "refresh_token".to_string()));
+            form.push(("refresh_token", token.clone()));
+        }
+    }
+    Some(form)
 }
 
-/// The query of the GET fallback, as `FetchToken`: the service only when
-/// named, one `scope` parameter per scope.
+/// The query of the GET, as `FetchToken`: the service only when named, one
+/// `scope` parameter per scope.
 fn get_query(request: &TokenRequest) -> Vec<(&'static str, String)> {
     let mut query = Vec::new();
     if !request.service.is_empty() {
@@ -275,10 +320,13 @@ fn get_query(request: &TokenRequest) -> Vec<(&'static str, String)> {
 
 /// Whether a refused POST is retried as a GET. containerd's rule, from the
 /// registries that answer the POST so: 404 (GCR), 401 (Artifactory), 400
-/// (ACR). It also retries on 405 when a username is set (the password
-/// grant); an identity token has none, so there 405 is final.
-fn falls_back_to_get(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 400 | 401 | 404)
+/// (ACR), and 405 when a username is set (the password grant).
+fn falls_back_to_get(status: StatusCode, grant: &Grant) -> bool {
+    match status.as_u16() {
+        400 | 401 | 404 => true,
+        405 => matches!(grant, Grant::Password { .. }),
+        _ => false,
+    }
 }
 
 /// How one request to the token service failed.
@@ -289,6 +337,15 @@ enum Failure {
         message: String,
     },
     Other(String),
+}
+
+impl Failure {
+    fn status(&self) -> Option<StatusCode> {
+        match self {
+            Failure::Status { status, .. } => Some(*status),
+            Failure::Other(_) => None,
+        }
+    }
 }
 
 impl std::fmt::Display for Failure {
@@ -304,28 +361,65 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// containerd's `doBearerAuth` with a secret: the OAuth2 POST, then the GET
-/// of the token spec when the POST is refused as [`falls_back_to_get`]
-/// says. When both fail the error has both answers (containerd keeps only
-/// the GET's, which hides why the POST was refused).
-async fn fetch(http: &reqwest::Client, request: &TokenRequest) -> Result<String, String> {
-    let secret = request.identity_token.as_str();
-    let post = http.post(request.realm.clone()).form(&oauth_form(request));
-    let post_failure = match send(post, "POST", secret).await {
-        Ok(body) => return access_token_of_post(&body),
+/// Why no token came: what the service said, and the status of its last
+/// answer, which says whether it refused the grant.
+#[derive(Debug)]
+struct FetchFailure {
+    message: String,
+    status: Option<StatusCode>,
+}
+
+impl From<Failure> for FetchFailure {
+    fn from(failure: Failure) -> Self {
+        FetchFailure {
+            status: failure.status(),
+            message: failure.to_string(),
+        }
+    }
+}
+
+impl FetchFailure {
+    fn other(message: String) -> Self {
+        FetchFailure {
+            message,
+            status: None,
+        }
+    }
+}
+
+/// containerd's `doBearerAuth`: with a secret, the OAuth2 POST, then the
+/// GET of the token spec when the POST is refused as [`falls_back_to_get`]
+/// says; without one, the GET alone. When both fail the error has both
+/// answers (containerd keeps only the GET's, which hides why the POST was
+/// refused).
+async fn fetch(http: &reqwest::Client, request: &TokenRequest) -> Result<String, FetchFailure> {
+    let secrets = request.grant.secrets();
+    let get = || {
+        let get = http.get(request.realm.clone()).query(&get_query(request));
+        match request.grant.basic() {
+            Some((username, secret)) => get.basic_auth(username, Some(secret)),
+            None => get,
+        }
+    };
+    let Some(form) = oauth_form(request) else {
+        let body = send(get(), "GET", &secrets).await?;
+        return token_of_get(&body).map_err(FetchFailure::other);
+    };
+    let post = http.post(request.realm.clone()).form(&form);
+    let post_failure = match send(post, "POST", &secrets).await {
+        Ok(body) => return access_token_of_post(&body).map_err(FetchFailure::other),
         Err(failure) => failure,
     };
     match &post_failure {
-        Failure::Status { status, .. } if falls_back_to_get(*status) => {}
-        _ => return Err(post_failure.to_string()),
+        Failure::Status { status, .. } if falls_back_to_get(*status, &request.grant) => {}
+        _ => return Err(post_failure.into()),
     }
-    let get = http
-        .get(request.realm.clone())
-        .query(&get_query(request))
-        .basic_auth("", Some(secret));
-    match send(get, "GET", secret).await {
-        Ok(body) => token_of_get(&body),
-        Err(get_failure) => Err(format!("{post_failure}; then {get_failure}")),
+    match send(get(), "GET", &secrets).await {
+        Ok(body) => token_of_get(&body).map_err(FetchFailure::other),
+        Err(get_failure) => Err(FetchFailure {
+            status: get_failure.status(),
+            message: format!("{post_failure}; then {get_failure}"),
+        }),
     }
 }
 
@@ -334,9 +428,9 @@ async fn fetch(http: &reqwest::Client, request: &TokenRequest) -> Result<String,
 async fn send(
     request: reqwest::RequestBuilder,
     method: &'static str,
-    secret: &str,
+    secrets: &[String],
 ) -> Result<Vec<u8>, Failure> {
-    let other = |message: String| Failure::Other(redact(&format!("{method}: {message}"), secret));
+    let other = |message: String| Failure::Other(redact(&format!("{method}: {message}"), secrets));
     let mut response = request
         .header(header::USER_AGENT, USER_AGENT)
         .timeout(TOKEN_REQUEST_TIMEOUT)
@@ -366,7 +460,7 @@ async fn send(
         return Err(Failure::Status {
             method,
             status,
-            message: redact(&registry_errors(&body), secret),
+            message: redact(&registry_errors(&body), secrets),
         });
     }
     Ok(body)
@@ -411,15 +505,6 @@ fn token_of_get(body: &[u8]) -> Result<String, String> {
     Ok(token)
 }
 
-/// `text` without `secret` in it: a token service may quote what it was
-/// sent.
-fn redact(text: &str, secret: &str) -> String {
-    if secret.is_empty() {
-        return text.to_string();
-    }
-    text.replace(secret, "<redacted>")
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -430,14 +515,45 @@ mod tests {
     use crate::image::test_http::{Server, answer, client};
 
     const SECRET: &str = "idt-0123456789-secret";
+    const USER: &str = "alice";
+    const PASSWORD: &str = "pw-5f1e9c-secret";
 
-    fn request(realm: &str, scopes: &[&str]) -> TokenRequest {
+    fn password() -> Grant {
+        Grant::Password {
+            username: USER.to_string(),
+            password: PASSWORD.to_string(),
+        }
+    }
+
+    fn request_with(realm: &str, scopes: &[&str], grant: Grant) -> TokenRequest {
         TokenRequest {
             realm: Url::parse(realm).expect("realm URL"),
             service: "registry.example".to_string(),
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
-            identity_token: SECRET.to_string(),
+            grant,
         }
+    }
+
+    /// A request with the identity token.
+    fn request(realm: &str, scopes: &[&str]) -> TokenRequest {
+        request_with(realm, scopes, Grant::RefreshToken(SECRET.to_string()))
+    }
+
+    fn fields(form: &[(&'static str, String)]) -> BTreeMap<&'static str, String> {
+        form.iter().cloned().collect()
+    }
+
+    fn owned(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn basic(username: &str, secret: &str) -> String {
+        let encoded =
+            base64::engine::general_purpose::STANDARD.encode(format!("{username}:{secret}"));
+        format!("Basic {encoded}")
     }
 
     #[test]
@@ -458,7 +574,8 @@ mod tests {
         let form = oauth_form(&request(
             "https://auth.example/token",
             &["b:x:pull", "a:y:pull"],
-        ));
+        ))
+        .expect("a form");
         assert_eq!(form[0], ("scope", "b:x:pull a:y:pull".to_string()));
     }
 
@@ -467,25 +584,50 @@ mod tests {
         let form = oauth_form(&request(
             "https://auth.example/token",
             &["repository:team/app:pull"],
-        ));
-        let fields: BTreeMap<&str, &str> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        ))
+        .expect("a form");
         assert_eq!(
-            fields,
+            fields(&form),
             BTreeMap::from([
-                ("client_id", "berth"),
-                ("grant_type", "refresh_token"),
-                ("refresh_token", SECRET),
-                ("scope", "repository:team/app:pull"),
-                ("service", "registry.example"),
+                ("client_id", "berth".to_string()),
+                ("grant_type", "refresh_token".to_string()),
+                ("refresh_token", SECRET.to_string()),
+                ("scope", "repository:team/app:pull".to_string()),
+                ("service", "registry.example".to_string()),
             ])
         );
         // Without scopes there is no scope field; the service is always
         // sent, empty if the challenge named none, as containerd.
         let mut bare = request("https://auth.example/token", &[]);
         bare.service.clear();
-        let form = oauth_form(&bare);
+        let form = oauth_form(&bare).expect("a form");
         assert!(form.iter().all(|(k, _)| *k != "scope"), "{form:?}");
         assert!(form.contains(&("service", String::new())), "{form:?}");
+    }
+
+    #[test]
+    fn oauth_form_of_a_password_is_the_password_grant_and_anonymous_has_none() {
+        let form = oauth_form(&request_with(
+            "https://auth.example/token",
+            &["repository:team/app:pull"],
+            password(),
+        ))
+        .expect("a form");
+        assert_eq!(
+            fields(&form),
+            BTreeMap::from([
+                ("client_id", "berth".to_string()),
+                ("grant_type", "password".to_string()),
+                ("password", PASSWORD.to_string()),
+                ("scope", "repository:team/app:pull".to_string()),
+                ("service", "registry.example".to_string()),
+                ("username", USER.to_string()),
+            ])
+        );
+        assert_eq!(
+            oauth_form(&request_with("https://a/t", &["s"], Grant::Anonymous)),
+            None
+        );
     }
 
     #[test]
@@ -505,18 +647,18 @@ mod tests {
     }
 
     #[test]
-    fn fallback_to_get_only_on_400_401_404() {
+    fn fallback_to_get_on_400_401_404_and_on_405_with_a_username() {
+        let status = |code: u16| StatusCode::from_u16(code).expect("status");
+        let refresh = Grant::RefreshToken(SECRET.to_string());
         for code in [400, 401, 404] {
-            assert!(
-                falls_back_to_get(StatusCode::from_u16(code).expect("status")),
-                "{code}"
-            );
+            assert!(falls_back_to_get(status(code), &refresh), "{code}");
+            assert!(falls_back_to_get(status(code), &password()), "{code}");
         }
-        for code in [403, 405, 429, 500, 502] {
-            assert!(
-                !falls_back_to_get(StatusCode::from_u16(code).expect("status")),
-                "{code}"
-            );
+        assert!(falls_back_to_get(status(405), &password()));
+        assert!(!falls_back_to_get(status(405), &refresh));
+        for code in [403, 429, 500, 502] {
+            assert!(!falls_back_to_get(status(code), &refresh), "{code}");
+            assert!(!falls_back_to_get(status(code), &password()), "{code}");
         }
     }
 
@@ -528,14 +670,14 @@ mod tests {
         .expect("parse");
         assert_eq!(
             bearer,
-            Some(Challenge::Bearer {
+            Some(Challenge::Bearer(BearerChallenge {
                 realm: "https://auth.example/token".to_string(),
                 service: "registry.example".to_string(),
                 scopes: vec![
                     "repository:a:pull".to_string(),
                     "repository:b:pull".to_string()
                 ],
-            })
+            }))
         );
         // Names in any case, unknown schemes skipped, first known one wins.
         let mixed = parse_challenges([
@@ -545,11 +687,11 @@ mod tests {
         .expect("parse");
         assert_eq!(
             mixed,
-            Some(Challenge::Bearer {
+            Some(Challenge::Bearer(BearerChallenge {
                 realm: "https://a/t".to_string(),
                 service: String::new(),
                 scopes: Vec::new(),
-            })
+            }))
         );
         let basic = parse_challenges([r#"Basic realm="x""#, r#"Bearer realm="https://a/t""#])
             .expect("parse");
@@ -580,18 +722,12 @@ mod tests {
     }
 
     #[test]
-    fn redaction_removes_every_copy_of_the_secret() {
-        assert_eq!(
-            redact(&format!("bad token {SECRET} ({SECRET})"), SECRET),
-            "bad token <redacted> (<redacted>)"
-        );
-        assert_eq!(redact("nothing", ""), "nothing");
-    }
-
-    #[test]
-    fn debug_of_a_request_hides_the_identity_token() {
-        let text = format!("{:?}", request("https://a/t", &["s"]));
-        assert!(!text.contains(SECRET), "{text}");
+    fn debug_of_a_request_hides_the_secrets() {
+        for grant in [Grant::RefreshToken(SECRET.to_string()), password()] {
+            let text = format!("{:?}", request_with("https://a/t", &["s"], grant));
+            assert!(!text.contains(SECRET), "{text}");
+            assert!(!text.contains(PASSWORD), "{text}");
+        }
     }
 
     #[tokio::test]
@@ -620,16 +756,49 @@ mod tests {
         assert!(!post.headers.contains_key("authorization"), "{post:?}");
         assert_eq!(
             post.form,
-            BTreeMap::from(
-                [
-                    ("client_id", "berth"),
-                    ("grant_type", "refresh_token"),
-                    ("refresh_token", SECRET),
-                    ("scope", "repository:team/app:pull"),
-                    ("service", "registry.example"),
-                ]
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-            )
+            owned(&[
+                ("client_id", "berth"),
+                ("grant_type", "refresh_token"),
+                ("refresh_token", SECRET),
+                ("scope", "repository:team/app:pull"),
+                ("service", "registry.example"),
+            ])
+        );
+    }
+
+    #[tokio::test]
+    async fn username_and_password_are_posted_as_an_oauth2_password_grant() {
+        let server = Server::start().await;
+        let realm = server.url("/token");
+        let served = server.serve(vec![answer(
+            200,
+            r#"{"access_token":"access-pw","expires_in":300}"#,
+        )]);
+        let token = fetch(
+            &client(),
+            &request_with(&realm, &["repository:team/app:pull"], password()),
+        )
+        .await
+        .expect("token");
+        assert_eq!(token, "access-pw");
+        let received = served.await.expect("server");
+        assert_eq!(received.len(), 1, "no GET after a granted POST");
+        let post = &received[0];
+        assert_eq!(post.method, "POST");
+        assert!(
+            !post.headers.contains_key("authorization"),
+            "the password is in the form only: {post:?}"
+        );
+        assert_eq!(
+            post.form,
+            owned(&[
+                ("client_id", "berth"),
+                ("grant_type", "password"),
+                ("password", PASSWORD),
+                ("scope", "repository:team/app:pull"),
+                ("service", "registry.example"),
+                ("username", USER),
+            ])
         );
     }
 
@@ -658,8 +827,7 @@ mod tests {
             assert_eq!((get.method.as_str(), get.path.as_str()), ("GET", "/token"));
             assert_eq!(get.query["service"], vec!["registry.example"]);
             assert_eq!(get.query["scope"], vec!["s:a:pull", "s:b:pull"]);
-            let basic = base64::engine::general_purpose::STANDARD.encode(format!(":{SECRET}"));
-            assert_eq!(get.headers["authorization"], format!("Basic {basic}"));
+            assert_eq!(get.headers["authorization"], basic("", SECRET));
         }
         // `token` alone serves too.
         let server = Server::start().await;
@@ -675,36 +843,85 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn other_refusals_are_final_and_quote_the_service_without_the_secret() {
-        for status in [403, 405, 500] {
+    async fn refused_password_grant_falls_back_to_get_with_basic_auth_also_on_405() {
+        for status in [400, 401, 404, 405] {
             let server = Server::start().await;
             let realm = server.url("/token");
-            let body = format!(
-                r#"{{"errors":[{{"code":"DENIED","message":"token {SECRET} may not pull"}}]}}"#
-            );
-            let served = server.serve(vec![answer(status, &body)]);
-            let err = fetch(&client(), &request(&realm, &["s"]))
+            let served = server.serve(vec![
+                answer(status, "{}"),
+                answer(200, r#"{"token":"by-get"}"#),
+            ]);
+            let token = fetch(&client(), &request_with(&realm, &["s:a:pull"], password()))
                 .await
-                .expect_err("refused");
-            assert!(
-                err.starts_with(&format!("POST answered HTTP {status}")),
-                "{err}"
-            );
-            assert!(
-                err.contains("token <redacted> may not pull (DENIED)"),
-                "{err}"
-            );
-            assert!(!err.contains(SECRET), "{err}");
-            assert_eq!(
-                served.await.expect("server").len(),
-                1,
-                "no GET after {status}"
-            );
+                .expect("token by GET");
+            assert_eq!(token, "by-get", "after {status}");
+            let received = served.await.expect("server");
+            let methods: Vec<&str> = received.iter().map(|r| r.method.as_str()).collect();
+            assert_eq!(methods, ["POST", "GET"], "after {status}");
+            let get = &received[1];
+            assert_eq!(get.headers["authorization"], basic(USER, PASSWORD));
+            assert_eq!(get.query["scope"], vec!["s:a:pull"]);
         }
     }
 
     #[tokio::test]
-    async fn failed_fallback_reports_both_answers() {
+    async fn anonymous_token_is_a_get_without_authorization() {
+        let server = Server::start().await;
+        let realm = server.url("/token");
+        let served = server.serve(vec![answer(200, r#"{"token":"anon"}"#)]);
+        let token = fetch(
+            &client(),
+            &request_with(&realm, &["s:a:pull"], Grant::Anonymous),
+        )
+        .await
+        .expect("token");
+        assert_eq!(token, "anon");
+        let received = served.await.expect("server");
+        assert_eq!(received.len(), 1);
+        assert_eq!(received[0].method, "GET");
+        assert!(!received[0].headers.contains_key("authorization"));
+        assert_eq!(received[0].query["scope"], vec!["s:a:pull"]);
+    }
+
+    #[tokio::test]
+    async fn other_refusals_are_final_and_quote_the_service_without_the_secret() {
+        for (grant, statuses) in [
+            (Grant::RefreshToken(SECRET.to_string()), vec![403, 405, 500]),
+            (password(), vec![403, 500]),
+        ] {
+            for status in statuses {
+                let server = Server::start().await;
+                let realm = server.url("/token");
+                let secret = grant.basic().expect("a secret").1.to_string();
+                let body = format!(
+                    r#"{{"errors":[{{"code":"DENIED","message":"secret {secret} may not pull"}}]}}"#
+                );
+                let served = server.serve(vec![answer(status, &body)]);
+                let err = fetch(&client(), &request_with(&realm, &["s"], grant.clone()))
+                    .await
+                    .expect_err("refused");
+                assert_eq!(err.status.map(|s| s.as_u16()), Some(status));
+                let message = err.message;
+                assert!(
+                    message.starts_with(&format!("POST answered HTTP {status}")),
+                    "{message}"
+                );
+                assert!(
+                    message.contains("secret <redacted> may not pull (DENIED)"),
+                    "{message}"
+                );
+                assert!(!message.contains(&secret), "{message}");
+                assert_eq!(
+                    served.await.expect("server").len(),
+                    1,
+                    "no GET after {status}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_fallback_reports_both_answers_and_the_last_status() {
         let server = Server::start().await;
         let realm = server.url("/token");
         let served = server.serve(vec![
@@ -713,18 +930,19 @@ mod tests {
                 &format!(r#"{{"error":"invalid_grant","error_description":"unknown refresh token {SECRET}"}}"#),
             ),
             answer(
-                401,
-                r#"{"errors":[{"code":"UNAUTHORIZED","message":"basic auth refused"}]}"#,
+                403,
+                r#"{"errors":[{"code":"DENIED","message":"basic auth refused"}]}"#,
             ),
         ]);
         let err = fetch(&client(), &request(&realm, &["s"]))
             .await
             .expect_err("refused twice");
         assert_eq!(
-            err,
+            err.message,
             "POST answered HTTP 401 Unauthorized: unknown refresh token <redacted> (invalid_grant); \
-             then GET answered HTTP 401 Unauthorized: basic auth refused (UNAUTHORIZED)"
+             then GET answered HTTP 403 Forbidden: basic auth refused (DENIED)"
         );
+        assert_eq!(err.status, Some(StatusCode::FORBIDDEN));
         served.await.expect("server");
     }
 
@@ -736,7 +954,8 @@ mod tests {
         let err = fetch(&client(), &request(&realm, &[]))
             .await
             .expect_err("no token");
-        assert!(err.contains("without an access token"), "{err}");
+        assert!(err.message.contains("without an access token"), "{err:?}");
+        assert_eq!(err.status, None);
         served.await.expect("server");
 
         let server = Server::start().await;
@@ -746,65 +965,91 @@ mod tests {
             .await
             .expect_err("bad JSON");
         assert!(
-            err.contains("GET: unable to decode token response"),
-            "{err}"
+            err.message.contains("GET: unable to decode token response"),
+            "{err:?}"
         );
         served.await.expect("server");
     }
 
-    #[tokio::test]
-    async fn access_token_follows_the_registry_challenge() {
-        let server = Server::start().await;
-        let challenge = format!(
-            r#"Bearer realm="{}",service="loopback""#,
-            server.url("/token")
-        );
-        let endpoint = Endpoint {
-            host: server.address.clone(),
-            repository: "team/app".to_string(),
-            insecure: true,
-            is_mirror: false,
-        };
-        let served = server.serve(vec![
-            (401, vec![("WWW-Authenticate", challenge)], "{}".to_string()),
-            answer(200, r#"{"access_token":"access-2"}"#),
-        ]);
-        let token = access_token(&client(), &endpoint, SECRET)
-            .await
-            .expect("token");
-        assert_eq!(token.as_deref(), Some("access-2"));
-        let received = served.await.expect("server");
-        assert_eq!(received[0].path, "/v2/");
-        assert_eq!(received[1].form["scope"], "repository:team/app:pull");
-        assert_eq!(received[1].form["service"], "loopback");
+    fn challenge(realm: &str) -> BearerChallenge {
+        BearerChallenge {
+            realm: realm.to_string(),
+            service: "loopback".to_string(),
+            scopes: vec!["repository:team/app:pull".to_string()],
+        }
     }
 
     #[tokio::test]
-    async fn no_challenge_means_no_token_and_basic_is_refused() {
+    async fn fetch_token_names_the_registry_and_says_how_it_was_refused() {
+        for (status, refusal) in [
+            (401, Some(Refusal::Unauthenticated)),
+            (403, Some(Refusal::Denied)),
+            (500, None),
+        ] {
+            let server = Server::start().await;
+            let realm = server.url("/token");
+            // A 401 or 403 to the POST: no fallback for 403 and 500, and
+            // the GET after a 401 is refused the same way.
+            let served = server.serve(if status == 401 {
+                vec![answer(401, "{}"), answer(401, "{}")]
+            } else {
+                vec![answer(status, "{}")]
+            });
+            let err = fetch_token(
+                &client(),
+                "registry.example",
+                true,
+                "team/app",
+                &challenge(&realm),
+                &password(),
+            )
+            .await
+            .expect_err("refused");
+            assert_eq!(err.refusal(), refusal, "{status}: {err}");
+            let text = err.to_string();
+            assert!(
+                text.starts_with(&format!(
+                    "auth for registry.example: fetch oauth token from {realm}"
+                )),
+                "{text}"
+            );
+            served.await.expect("server");
+        }
+    }
+
+    #[tokio::test]
+    async fn secrets_never_go_to_a_plain_http_realm_of_a_tls_registry() {
+        for grant in [Grant::RefreshToken(SECRET.to_string()), password()] {
+            // Nothing listens there: any request would fail differently.
+            let err = fetch_token(
+                &client(),
+                "registry.example",
+                false,
+                "team/app",
+                &challenge("http://127.0.0.1:9/token"),
+                &grant,
+            )
+            .await
+            .expect_err("insecure realm");
+            assert!(matches!(err, TokenError::InsecureRealm { .. }), "{err}");
+            assert_eq!(err.refusal(), None);
+        }
+        // No secret, nothing to protect: an anonymous token may come over
+        // plain HTTP.
         let server = Server::start().await;
-        let endpoint = Endpoint {
-            host: server.address.clone(),
-            repository: "team/app".to_string(),
-            insecure: true,
-            is_mirror: false,
-        };
-        let served = server.serve(vec![
-            answer(200, "{}"),
-            (
-                401,
-                vec![("WWW-Authenticate", r#"Basic realm="x""#.to_string())],
-                "{}".to_string(),
-            ),
-        ]);
-        let none = access_token(&client(), &endpoint, SECRET)
-            .await
-            .expect("open registry");
-        assert_eq!(none, None);
-        let err = access_token(&client(), &endpoint, SECRET)
-            .await
-            .expect_err("basic only");
-        assert!(matches!(err, TokenError::Challenge { .. }), "{err}");
-        assert!(err.to_string().contains("basic auth"), "{err}");
-        assert_eq!(served.await.expect("server").len(), 2, "no token request");
+        let realm = server.url("/token");
+        let served = server.serve(vec![answer(200, r#"{"token":"anon"}"#)]);
+        let token = fetch_token(
+            &client(),
+            "registry.example",
+            false,
+            "team/app",
+            &challenge(&realm),
+            &Grant::Anonymous,
+        )
+        .await
+        .expect("anonymous token");
+        assert_eq!(token, "anon");
+        served.await.expect("server");
     }
 }
