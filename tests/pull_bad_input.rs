@@ -589,7 +589,7 @@ async fn pull_without_credentials_from_registry_that_wants_them_is_unauthorized(
         &registry,
         &published.reference,
         None,
-        tonic::Code::Unknown,
+        tonic::Code::Unauthenticated,
         &[
             "fetch manifest",
             "requires credentials and none were given",
@@ -660,7 +660,7 @@ async fn pull_with_identity_token_trades_it_for_an_access_token() {
         &registry,
         &published.reference,
         None,
-        tonic::Code::Unknown,
+        tonic::Code::Unauthenticated,
         &["fetch anonymous token from"],
         &[],
     )
@@ -695,8 +695,8 @@ async fn pull_with_wrong_identity_token_fails_without_repeating_it() {
     )
     .await
     .expect_err("a wrong identity token");
-    // As a wrong password: the registry's verdict, kubelet's ErrImagePull.
-    assert_eq!(err.code(), tonic::Code::Unknown, "{err:?}");
+    // As a wrong password: the token service's 401.
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
     let message = err.message();
     for needle in [
         published.reference.as_str(),

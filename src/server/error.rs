@@ -8,6 +8,7 @@ use tonic::Status;
 
 use crate::container::ContainerError;
 use crate::image::auth::AuthError;
+use crate::image::http_errors::Refusal;
 use crate::image::mirrors::MirrorError;
 use crate::image::pull::PullError;
 use crate::image::store::ImageError;
@@ -41,9 +42,20 @@ impl From<ImageError> for Status {
             | ImageError::Pull(PullError::Mirrors(MirrorError::Blocked { .. })) => {
                 Status::failed_precondition(message)
             }
-            // What the registry said is in the message; kubelet reports it
-            // as ErrImagePull whatever the code, as with containerd's Unknown.
-            ImageError::Pull(_) => Status::unknown(message),
+            // kubelet reports any failed pull as ErrImagePull with the
+            // message, whatever the code (images/image_manager.go,
+            // evalCRIPullErr); containerd and CRI-O answer Unknown even for
+            // a registry's 401 or 403. A code that says the registry turned
+            // the credentials away costs kubelet nothing and tells crictl
+            // and other clients a login problem from a broken registry: 401
+            // (none, wrong or expired credentials) is Unauthenticated, 403
+            // (known, but not allowed to pull this) is PermissionDenied.
+            // The rest is what the registry said, in the message.
+            ImageError::Pull(pull) => match pull.refusal() {
+                Some(Refusal::Unauthenticated) => Status::unauthenticated(message),
+                Some(Refusal::Denied) => Status::permission_denied(message),
+                None => Status::unknown(message),
+            },
             ImageError::Store(_)
             | ImageError::Content(_)
             | ImageError::Layer(_)
@@ -118,5 +130,85 @@ impl From<TokenError> for Status {
             TokenError::TooManyInFlight => Status::resource_exhausted(message),
             TokenError::Random(_) => Status::internal(message),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::token::TokenError;
+
+    fn failed(attempts: Vec<PullError>) -> Status {
+        ImageError::Pull(PullError::Failed {
+            image: "registry.example/team/app:1".to_string(),
+            attempts,
+        })
+        .into()
+    }
+
+    fn unreachable_mirror() -> PullError {
+        PullError::Registry {
+            endpoint: "https://mirror.example/team/app".to_string(),
+            message: "connection refused".to_string(),
+        }
+    }
+
+    fn refused(refusal: Refusal) -> PullError {
+        PullError::Refused {
+            endpoint: "https://registry.example/team/app".to_string(),
+            what: "fetch manifest registry.example/team/app:1".to_string(),
+            refusal,
+            message: "no".to_string(),
+        }
+    }
+
+    #[test]
+    fn registry_refusals_are_unauthenticated_or_permission_denied() {
+        let status = failed(vec![
+            unreachable_mirror(),
+            refused(Refusal::Unauthenticated),
+        ]);
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        for needle in ["registry.example/team/app:1", "connection refused", "no"] {
+            assert!(status.message().contains(needle), "{status:?}");
+        }
+        let status = failed(vec![refused(Refusal::Denied)]);
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    }
+
+    #[test]
+    fn a_token_service_refusal_counts_as_the_registry_s() {
+        let token = PullError::Token(TokenError::Fetch {
+            registry: "registry.example".to_string(),
+            realm: "https://auth.example/token".to_string(),
+            kind: "oauth",
+            message: "POST answered HTTP 401 Unauthorized".to_string(),
+            refusal: Some(Refusal::Unauthenticated),
+        });
+        let status = failed(vec![token]);
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    }
+
+    #[test]
+    fn the_registry_s_own_verdict_wins_over_a_mirror_s() {
+        let status = failed(vec![
+            refused(Refusal::Denied),
+            refused(Refusal::Unauthenticated),
+        ]);
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    }
+
+    #[test]
+    fn other_pull_failures_stay_unknown() {
+        let status = failed(vec![unreachable_mirror()]);
+        assert_eq!(status.code(), tonic::Code::Unknown, "{status:?}");
+        let token = PullError::Token(TokenError::Fetch {
+            registry: "registry.example".to_string(),
+            realm: "https://auth.example/token".to_string(),
+            kind: "oauth",
+            message: "POST answered HTTP 500".to_string(),
+            refusal: None,
+        });
+        assert_eq!(failed(vec![token]).code(), tonic::Code::Unknown);
     }
 }
