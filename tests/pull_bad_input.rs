@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 use base64::Engine as _;
 use common::{LOOPBACK_REGISTRY_CONFIG, Options, TestDaemon};
-use fake_registry::{FakeRegistry, Fault, TOKEN_SERVICE, hex_digest, sha256};
+use fake_registry::{FakeRegistry, Fault, Served, TOKEN_SERVICE, TokenPolicy, hex_digest, sha256};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::{AuthConfig, ImageSpec, PullImageRequest};
 use sha2::{Digest as _, Sha256};
@@ -603,7 +603,14 @@ async fn pull_without_credentials_from_registry_that_wants_them_is_unauthorized(
 }
 
 const IDENTITY_TOKEN: &str = "idt-7f3a91-refresh";
-const ACCESS_TOKEN: &str = "access-7f3a91";
+
+/// A token service that takes `IDENTITY_TOKEN` in the refresh-token grant.
+fn identity_token_policy() -> TokenPolicy {
+    TokenPolicy {
+        identity_token: Some(IDENTITY_TOKEN.to_string()),
+        ..TokenPolicy::default()
+    }
+}
 
 /// CRI credentials holding only an identity token.
 fn identity_token_auth(token: &str) -> Option<AuthConfig> {
@@ -650,7 +657,7 @@ async fn pull_with_identity_token_trades_it_for_an_access_token() {
     let daemon = daemon();
     let image = Image::new(vec![Layer::gzip(&tar_of(&[("secret", b"s")]))]);
     let published = image.publish(&registry, "private/app", "1");
-    registry.require_token(IDENTITY_TOKEN, ACCESS_TOKEN);
+    registry.require_token(identity_token_policy());
     let mut client = daemon.images().await;
 
     // The registry does want a token: without credentials the pull fails,
@@ -684,7 +691,7 @@ async fn pull_with_wrong_identity_token_fails_without_repeating_it() {
     let daemon = daemon();
     let image = Image::new(vec![Layer::gzip(&tar_of(&[("secret", b"s")]))]);
     let published = image.publish(&registry, "private/app", "1");
-    registry.require_token(IDENTITY_TOKEN, ACCESS_TOKEN);
+    registry.require_token(identity_token_policy());
     let wrong = "idt-wrong-5e21c0";
     let mut client = daemon.images().await;
 
@@ -754,7 +761,7 @@ async fn pull_with_identity_token_from_the_auth_file() {
     ));
     let image = Image::new(vec![Layer::gzip(&tar_of(&[("secret", b"s")]))]);
     let published = image.publish(&registry, "team/private", "2");
-    registry.require_token(IDENTITY_TOKEN, ACCESS_TOKEN);
+    registry.require_token(identity_token_policy());
 
     let mut client = daemon.images().await;
     let id = pull(&mut client, &published.reference)
@@ -762,6 +769,366 @@ async fn pull_with_identity_token_from_the_auth_file() {
         .expect("pull with the auth file's identity token");
     assert_eq!(id, published.config_digest);
     assert_one_refresh_grant(&registry, "team/private");
+}
+
+const USERNAME: &str = "alice";
+const PASSWORD: &str = "pw-93be0d-secret";
+
+/// A token service that takes `USERNAME` and `PASSWORD`, in the OAuth2
+/// password grant and in the GET with basic auth.
+fn password_policy() -> TokenPolicy {
+    TokenPolicy {
+        password: Some((USERNAME.to_string(), PASSWORD.to_string())),
+        ..TokenPolicy::default()
+    }
+}
+
+/// CRI credentials as kubelet sends them from a docker-registry secret.
+fn password_auth(username: &str, password: &str) -> Option<AuthConfig> {
+    Some(AuthConfig {
+        username: username.to_string(),
+        password: password.to_string(),
+        ..AuthConfig::default()
+    })
+}
+
+/// CRI credentials holding only `auth`, base64 of "user:password".
+fn auth_field(username: &str, password: &str) -> Option<AuthConfig> {
+    Some(AuthConfig {
+        auth: base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}")),
+        ..AuthConfig::default()
+    })
+}
+
+/// A request must be the OAuth2 password grant for pulling `name` with
+/// `USERNAME` and `PASSWORD`, and carry them in its form only.
+fn assert_password_grant(request: &fake_registry::TokenRequest, name: &str) {
+    assert_eq!(request.method, "POST", "{request:?}");
+    let mut fields: Vec<(&str, &str)> = request
+        .form
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    fields.sort();
+    let scope = format!("repository:{name}:pull");
+    assert_eq!(
+        fields,
+        vec![
+            ("client_id", "berth"),
+            ("grant_type", "password"),
+            ("password", PASSWORD),
+            ("scope", scope.as_str()),
+            ("service", TOKEN_SERVICE),
+            ("username", USERNAME),
+        ]
+    );
+    assert_eq!(
+        request.authorization, None,
+        "the password is in the form only"
+    );
+}
+
+#[tokio::test]
+async fn pull_with_username_and_password_posts_the_oauth2_password_grant() {
+    let registry = FakeRegistry::start().await;
+    let daemon = daemon();
+    let image = Image::new(vec![Layer::gzip(&tar_of(&[("secret", b"s")]))]);
+    let by_password = image.publish(&registry, "private/app", "1");
+    let by_auth = Image::new(vec![Layer::gzip(&tar_of(&[("other", b"o")]))]).publish(
+        &registry,
+        "private/other",
+        "1",
+    );
+    registry.require_token(password_policy());
+    let mut client = daemon.images().await;
+
+    let id = pull_with_auth(
+        &mut client,
+        &by_password.reference,
+        password_auth(USERNAME, PASSWORD),
+    )
+    .await
+    .expect("pull with username and password");
+    assert_eq!(id, by_password.config_digest);
+    // The same grant from the CRI `auth` field.
+    let id = pull_with_auth(
+        &mut client,
+        &by_auth.reference,
+        auth_field(USERNAME, PASSWORD),
+    )
+    .await
+    .expect("pull with `auth`");
+    assert_eq!(id, by_auth.config_digest);
+
+    let requests = registry.token_requests();
+    assert_eq!(
+        requests.len(),
+        2,
+        "one grant per pull, no GET: {requests:?}"
+    );
+    assert_password_grant(&requests[0], "private/app");
+    assert_password_grant(&requests[1], "private/other");
+}
+
+#[tokio::test]
+async fn pull_with_password_from_the_auth_file() {
+    let registry = FakeRegistry::start().await;
+    let config_dir = tempfile::tempdir().expect("tempdir");
+    let auth_file = config_dir.path().join("auth.json");
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USERNAME}:{PASSWORD}"));
+    let auths = serde_json::json!({ "auths": { registry.address.clone(): { "auth": auth } } });
+    std::fs::write(&auth_file, auths.to_string()).expect("write auth.json");
+    let daemon = daemon_with(&format!(
+        "auth_file = {}\n",
+        toml::Value::String(auth_file.display().to_string())
+    ));
+    let image = Image::new(vec![Layer::gzip(&tar_of(&[("secret", b"s")]))]);
+    let published = image.publish(&registry, "team/private", "3");
+    registry.require_token(password_policy());
+
+    let mut client = daemon.images().await;
+    let id = pull(&mut client, &published.reference)
+        .await
+        .expect("pull with the auth file's password");
+    assert_eq!(id, published.config_digest);
+    let requests = registry.token_requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_password_grant(&requests[0], "team/private");
+}
+
+#[tokio::test]
+async fn pull_falls_back_to_the_token_get_when_the_service_has_no_oauth_post() {
+    let registry = FakeRegistry::start().await;
+    let daemon = daemon();
+    let image = Image::new(vec![Layer::gzip(&tar_of(&[("secret", b"s")]))]);
+    let published = image.publish(&registry, "private/app", "1");
+    // As GCR: the POST is answered 404, tokens come by GET.
+    registry.require_token(TokenPolicy {
+        no_oauth_post: true,
+        ..password_policy()
+    });
+    let mut client = daemon.images().await;
+
+    let id = pull_with_auth(
+        &mut client,
+        &published.reference,
+        password_auth(USERNAME, PASSWORD),
+    )
+    .await
+    .expect("pull with the GET fallback");
+    assert_eq!(id, published.config_digest);
+    let requests = registry.token_requests();
+    let methods: Vec<&str> = requests.iter().map(|r| r.method.as_str()).collect();
+    assert_eq!(methods, ["POST", "GET"]);
+    let get = &requests[1];
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{USERNAME}:{PASSWORD}"));
+    assert_eq!(get.authorization, Some(format!("Basic {basic}")));
+    assert_eq!(
+        get.query,
+        [
+            ("service".to_string(), TOKEN_SERVICE.to_string()),
+            (
+                "scope".to_string(),
+                "repository:private/app:pull".to_string()
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn pull_renews_a_token_that_expires_between_blobs() {
+    let registry = FakeRegistry::start().await;
+    // One download at a time, so that which request meets an expired token
+    // does not depend on timing.
+    let daemon = daemon_with("max_concurrent_downloads = 1\n");
+    let layers: Vec<Layer> = (0..4u8)
+        .map(|i| {
+            Layer::gzip(&tar_of(&[(
+                &format!("layer-{i}"),
+                &noise(32 << 10 | i as usize),
+            )]))
+        })
+        .collect();
+    let blobs: Vec<(String, Vec<u8>)> = layers
+        .iter()
+        .map(|l| (l.digest.clone(), l.blob.clone()))
+        .collect();
+    let published = Image::new(layers).publish(&registry, "private/layers", "1");
+    let uses_per_token = 2;
+    registry.require_token(TokenPolicy {
+        uses_per_token: Some(uses_per_token),
+        ..password_policy()
+    });
+    let mut client = daemon.images().await;
+
+    let id = pull_with_auth(
+        &mut client,
+        &published.reference,
+        password_auth(USERNAME, PASSWORD),
+    )
+    .await
+    .expect("a pull that outlives its tokens");
+    assert_eq!(id, published.config_digest);
+
+    // The manifest's first request has no token; each token then serves
+    // `uses_per_token` requests of the manifest, config and 4 layers.
+    let served = registry.served();
+    let granted = served.iter().filter(|s| s.status == 200).count();
+    assert_eq!(granted, 6, "{served:?}");
+    let requests = registry.token_requests();
+    assert_eq!(
+        requests.len(),
+        granted.div_ceil(uses_per_token),
+        "one grant per expiry: {requests:?}"
+    );
+    for request in &requests {
+        assert_password_grant(request, "private/layers");
+    }
+    // Every 401 is followed by the same request, answered: a blob met an
+    // expired token, and was fetched again from its start.
+    let blob_paths: Vec<String> = blobs
+        .iter()
+        .map(|(digest, _)| FakeRegistry::blob_path("private/layers", digest))
+        .collect();
+    let mut renewed_blobs = 0;
+    for (i, answer) in served.iter().enumerate() {
+        if answer.status == 401 {
+            assert_eq!(
+                served.get(i + 1),
+                Some(&Served {
+                    status: 200,
+                    ..answer.clone()
+                }),
+                "{served:?}"
+            );
+            renewed_blobs += usize::from(blob_paths.contains(&answer.path));
+        }
+    }
+    assert_eq!(renewed_blobs, 2, "{served:?}");
+    // What the content store holds is each blob once, not a retried one
+    // doubled.
+    for (digest, blob) in &blobs {
+        let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+        let stored = std::fs::read(daemon.root.join("content/sha256").join(hex)).expect("blob");
+        assert!(stored == *blob, "blob {digest} stored as served");
+    }
+}
+
+#[tokio::test]
+async fn pull_with_wrong_password_is_unauthenticated_and_names_the_registry() {
+    let registry = FakeRegistry::start().await;
+    let daemon = daemon();
+    let image = Image::new(vec![Layer::gzip(&tar_of(&[("secret", b"s")]))]);
+    let published = image.publish(&registry, "private/app", "1");
+    registry.require_token(password_policy());
+    let wrong = "pw-wrong-71c2aa";
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{USERNAME}:{wrong}"));
+
+    pull_refused(
+        &daemon,
+        &registry,
+        &published.reference,
+        password_auth(USERNAME, wrong),
+        tonic::Code::Unauthenticated,
+        &[
+            "fetch oauth token from",
+            // The service quotes the password; berth does not.
+            "POST answered HTTP 401 Unauthorized: password <redacted> is not valid for alice (invalid_grant)",
+            "then GET answered HTTP 401 Unauthorized: password <redacted> is not valid for alice (UNAUTHORIZED)",
+        ],
+        &[wrong, &basic],
+    )
+    .await;
+    let methods: Vec<String> = registry
+        .token_requests()
+        .into_iter()
+        .map(|r| r.method)
+        .collect();
+    assert_eq!(methods, ["POST", "GET"], "the GET fallback after a 401");
+    assert_nothing_left(&daemon);
+}
+
+#[tokio::test]
+async fn pull_of_a_repository_the_credentials_may_not_read_is_permission_denied() {
+    let registry = FakeRegistry::start().await;
+    let daemon = daemon();
+    let image = Image::new(vec![Layer::gzip(&tar_of(&[("secret", b"s")]))]);
+    let published = image.publish(&registry, "private/denied", "1");
+    registry.require_token(password_policy());
+    registry.deny("private/denied");
+
+    pull_refused(
+        &daemon,
+        &registry,
+        &published.reference,
+        password_auth(USERNAME, PASSWORD),
+        tonic::Code::PermissionDenied,
+        &[
+            "fetch manifest",
+            "denied access",
+            "HTTP 403 Forbidden",
+            "denied (DENIED)",
+        ],
+        &[PASSWORD],
+    )
+    .await;
+    assert_nothing_left(&daemon);
+}
+
+#[tokio::test]
+async fn pull_from_a_basic_auth_registry_sends_the_password_it_asks_for() {
+    let registry = FakeRegistry::start().await;
+    let daemon = daemon();
+    let image = Image::new(vec![Layer::gzip(&tar_of(&[("secret", b"s")]))]);
+    let published = image.publish(&registry, "private/app", "1");
+    registry.require_basic(USERNAME, PASSWORD);
+    let wrong = "pw-wrong-0d9e4f";
+
+    pull_refused(
+        &daemon,
+        &registry,
+        &published.reference,
+        password_auth(USERNAME, wrong),
+        tonic::Code::Unauthenticated,
+        &["refused the credentials", "HTTP 401 Unauthorized"],
+        &[wrong],
+    )
+    .await;
+    assert_nothing_left(&daemon);
+
+    let mut client = daemon.images().await;
+    let id = pull_with_auth(
+        &mut client,
+        &published.reference,
+        password_auth(USERNAME, PASSWORD),
+    )
+    .await
+    .expect("pull with basic auth");
+    assert_eq!(id, published.config_digest);
+    assert!(registry.token_requests().is_empty(), "no token service");
+}
+
+#[tokio::test]
+async fn pull_without_credentials_takes_an_anonymous_token() {
+    let registry = FakeRegistry::start().await;
+    let daemon = daemon();
+    let image = Image::new(vec![Layer::gzip(&tar_of(&[("public", b"p")]))]);
+    let published = image.publish(&registry, "library/public", "1");
+    // As Docker Hub's public images: a token for anyone, by GET.
+    registry.require_token(TokenPolicy {
+        anonymous: true,
+        ..TokenPolicy::default()
+    });
+
+    let mut client = daemon.images().await;
+    let id = pull(&mut client, &published.reference)
+        .await
+        .expect("pull with an anonymous token");
+    assert_eq!(id, published.config_digest);
+    let requests = registry.token_requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0].method, "GET");
+    assert_eq!(requests[0].authorization, None);
 }
 
 #[tokio::test]

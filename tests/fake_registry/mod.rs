@@ -4,8 +4,11 @@
 //! defences can be driven from outside the daemon.
 //!
 //! It can also stand behind a token service ([`FakeRegistry::require_token`]):
-//! every `/v2/` request then needs a bearer token, which only the OAuth2
-//! refresh-token grant of the distribution spec hands out.
+//! every `/v2/` request then needs a bearer token, which the service hands
+//! out for what its [`TokenPolicy`] accepts (the OAuth2 refresh-token and
+//! password grants, the GET of the token spec with basic auth, anonymous
+//! GETs), and which can expire after a number of requests. Or it can want
+//! basic auth itself ([`FakeRegistry::require_basic`]).
 //!
 //! The HTTP is the minimum a registry client needs: one request per
 //! connection, its head and a `Content-Length` body read, answered with a
@@ -68,12 +71,38 @@ struct Route {
     fault: Fault,
 }
 
-/// The token service in front of the registry: it trades `identity_token`
-/// for `access_token`, which every `/v2/` request must then carry.
+/// What the token service in front of the registry accepts, and how long
+/// its tokens last. Every token it hands out is new (`token-1`, `token-2`,
+/// ...); every `/v2/` request must carry a live one.
+#[derive(Debug, Clone, Default)]
+pub struct TokenPolicy {
+    /// The refresh token of the OAuth2 refresh-token grant (POST only).
+    pub identity_token: Option<String>,
+    /// The username and password of the OAuth2 password grant, and of the
+    /// GET with basic auth.
+    pub password: Option<(String, String)>,
+    /// A GET without credentials gets a token, as on Docker Hub.
+    pub anonymous: bool,
+    /// The POST is answered 404, as GCR does: tokens come by GET only.
+    pub no_oauth_post: bool,
+    /// A token serves this many registry requests; the next one is
+    /// answered 401 with a fresh challenge (`error="invalid_token"`), as
+    /// a token that expired. `None`: tokens last.
+    pub uses_per_token: Option<usize>,
+}
+
+/// A token handed out, and how many requests it still serves.
 #[derive(Debug, Clone)]
-struct TokenService {
-    identity_token: String,
-    access_token: String,
+struct Issued {
+    uses_left: Option<usize>,
+}
+
+/// One request the registry (not its token service) answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Served {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
 }
 
 /// A request to the token endpoint `/token`, as received.
@@ -100,8 +129,14 @@ impl TokenRequest {
 #[derive(Default)]
 struct State {
     routes: HashMap<String, Route>,
-    token_service: Option<TokenService>,
+    token_service: Option<TokenPolicy>,
+    issued: HashMap<String, Issued>,
     token_requests: Vec<TokenRequest>,
+    basic: Option<(String, String)>,
+    /// Repositories whose pulls the registry refuses with 403 to anyone
+    /// who got past authentication.
+    denied: Vec<String>,
+    served: Vec<Served>,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -142,16 +177,36 @@ impl FakeRegistry {
     }
 
     /// From now on every `/v2/` request needs `Authorization: Bearer
-    /// <access_token>`, and is otherwise answered 401 with a Bearer
-    /// challenge naming `http://<address>/token`. That endpoint answers only
-    /// a POST of the OAuth2 refresh-token grant with `identity_token`, the
-    /// service [`TOKEN_SERVICE`], a client id and a pull scope; a GET is
-    /// refused 401, as a token service without the password flow.
-    pub fn require_token(&self, identity_token: &str, access_token: &str) {
-        self.shared.lock().expect("state").token_service = Some(TokenService {
-            identity_token: identity_token.to_string(),
-            access_token: access_token.to_string(),
-        });
+    /// <token>` with a live token of the service at
+    /// `http://<address>/token`, and is otherwise answered 401 with a
+    /// Bearer challenge naming it. The service hands out tokens for what
+    /// `policy` accepts, and only for the service [`TOKEN_SERVICE`] and a
+    /// pull scope (and, by POST, a client id).
+    pub fn require_token(&self, policy: TokenPolicy) {
+        self.shared.lock().expect("state").token_service = Some(policy);
+    }
+
+    /// From now on every `/v2/` request needs basic auth with `username`
+    /// and `password`, and is otherwise answered 401 with a Basic
+    /// challenge.
+    pub fn require_basic(&self, username: &str, password: &str) {
+        self.shared.lock().expect("state").basic =
+            Some((username.to_string(), password.to_string()));
+    }
+
+    /// Pulls from repository `name` are refused with 403 DENIED, once past
+    /// authentication.
+    pub fn deny(&self, name: &str) {
+        self.shared
+            .lock()
+            .expect("state")
+            .denied
+            .push(name.to_string());
+    }
+
+    /// Every registry request answered, in order, with its status.
+    pub fn served(&self) -> Vec<Served> {
+        self.shared.lock().expect("state").served.clone()
     }
 
     /// Every request the token endpoint received, in order.
@@ -244,22 +299,52 @@ async fn serve(mut stream: TcpStream, shared: Shared, realm: String) {
         return;
     }
     let (method, path) = (request.method.as_str(), request.path.clone());
-    let (route, token_service) = {
-        let state = shared.lock().expect("state");
-        (
-            state.routes.get(&path).cloned(),
-            state.token_service.clone(),
-        )
-    };
     let head_only = method == "HEAD";
     if method != "GET" && !head_only {
+        record(&shared, &request, 405);
         let _ = respond(&mut stream, 405, &[], &[], None, false).await;
         return;
     }
-    if let Some(service) = token_service
-        && request.header("authorization") != Some(&format!("Bearer {}", service.access_token))
-    {
-        let _ = bearer_challenge(&mut stream, &realm, &path, head_only).await;
+    let (route, verdict) = {
+        let mut state = shared.lock().expect("state");
+        (
+            state.routes.get(&path).cloned(),
+            authenticate(&mut state, &request),
+        )
+    };
+    match verdict {
+        Verdict::Pass => {}
+        Verdict::Bearer { expired } => {
+            record(&shared, &request, 401);
+            let _ = bearer_challenge(&mut stream, &realm, &path, expired, head_only).await;
+            return;
+        }
+        Verdict::Basic => {
+            record(&shared, &request, 401);
+            let body =
+                br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#;
+            let headers = [
+                (
+                    "WWW-Authenticate",
+                    r#"Basic realm="fake-registry""#.to_string(),
+                ),
+                ("Content-Type", "application/json".to_string()),
+            ];
+            let _ = respond(&mut stream, 401, &headers, body, None, head_only).await;
+            return;
+        }
+    }
+    let denied = repository_of(&path).is_some_and(|name| {
+        shared
+            .lock()
+            .expect("state")
+            .denied
+            .iter()
+            .any(|d| d == name)
+    });
+    if denied {
+        record(&shared, &request, 403);
+        let _ = error(&mut stream, 403, "DENIED", head_only).await;
         return;
     }
     let route = match route {
@@ -270,6 +355,7 @@ async fn serve(mut stream: TcpStream, shared: Shared, realm: String) {
             ..Route::default()
         },
         None => {
+            record(&shared, &request, 404);
             let code = if path.contains("/manifests/") {
                 "MANIFEST_UNKNOWN"
             } else if path.contains("/blobs/") {
@@ -281,6 +367,14 @@ async fn serve(mut stream: TcpStream, shared: Shared, realm: String) {
             return;
         }
     };
+    record(
+        &shared,
+        &request,
+        match route.fault {
+            Fault::Status(status) => status,
+            _ => 200,
+        },
+    );
     let mut headers = vec![(
         "Docker-Distribution-API-Version",
         "registry/2.0".to_string(),
@@ -331,6 +425,71 @@ async fn serve(mut stream: TcpStream, shared: Shared, realm: String) {
             Ok(())
         }
     };
+}
+
+fn record(shared: &Shared, request: &Request, status: u16) {
+    shared.lock().expect("state").served.push(Served {
+        method: request.method.clone(),
+        path: request.path.clone(),
+        status,
+    });
+}
+
+/// Whether a registry request may pass, as far as authentication goes.
+enum Verdict {
+    Pass,
+    /// No live token: a Bearer challenge, saying the token is invalid if
+    /// one was sent.
+    Bearer {
+        expired: bool,
+    },
+    Basic,
+}
+
+fn authenticate(state: &mut State, request: &Request) -> Verdict {
+    let authorization = request.header("authorization").cloned().unwrap_or_default();
+    if let Some((username, password)) = &state.basic
+        && basic_credentials(&authorization).as_ref() != Some(&(username.clone(), password.clone()))
+    {
+        return Verdict::Basic;
+    }
+    if state.token_service.is_none() {
+        return Verdict::Pass;
+    }
+    let Some(token) = authorization.strip_prefix("Bearer ") else {
+        return Verdict::Bearer { expired: false };
+    };
+    match state.issued.get_mut(token) {
+        Some(Issued { uses_left: Some(0) }) | None => Verdict::Bearer { expired: true },
+        Some(Issued {
+            uses_left: Some(left),
+        }) => {
+            *left -= 1;
+            Verdict::Pass
+        }
+        Some(Issued { uses_left: None }) => Verdict::Pass,
+    }
+}
+
+/// The username and password of a `Basic` authorization.
+fn basic_credentials(authorization: &str) -> Option<(String, String)> {
+    use base64::Engine as _;
+    let encoded = authorization.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (username, password) = text.split_once(':')?;
+    Some((username.to_string(), password.to_string()))
+}
+
+/// `name` of `/v2/<name>/manifests/…` or `/v2/<name>/blobs/…`.
+fn repository_of(path: &str) -> Option<&str> {
+    path.strip_prefix("/v2/").and_then(|rest| {
+        rest.rsplit_once("/manifests/")
+            .or_else(|| rest.rsplit_once("/blobs/"))
+            .map(|(name, _)| name)
+    })
 }
 
 /// One request as the registry reads it.
@@ -408,21 +567,21 @@ fn decode_pairs(encoded: &str) -> Vec<(String, String)> {
 }
 
 /// 401 with the Bearer challenge a distribution registry sends: the realm,
-/// the service, and for a repository's paths the scope that would do.
+/// the service, for a repository's paths the scope that would do, and
+/// `error="invalid_token"` when the token sent is not (or no longer) good.
 async fn bearer_challenge(
     stream: &mut TcpStream,
     realm: &str,
     path: &str,
+    expired: bool,
     head_only: bool,
 ) -> std::io::Result<()> {
     let mut challenge = format!(r#"Bearer realm="{realm}",service="{TOKEN_SERVICE}""#);
-    let repository = path.strip_prefix("/v2/").and_then(|rest| {
-        rest.rsplit_once("/manifests/")
-            .or_else(|| rest.rsplit_once("/blobs/"))
-            .map(|(name, _)| name)
-    });
-    if let Some(name) = repository {
+    if let Some(name) = repository_of(path) {
         challenge.push_str(&format!(r#",scope="repository:{name}:pull""#));
+    }
+    if expired {
+        challenge.push_str(r#",error="invalid_token""#);
     }
     let body = br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#;
     let headers = [
@@ -432,9 +591,9 @@ async fn bearer_challenge(
     respond(stream, 401, &headers, body, None, head_only).await
 }
 
-/// The token service: the OAuth2 refresh-token grant by POST, nothing else.
-/// A wrong refresh token is quoted back in the error, as a careless
-/// service might, so that tests can see berth never repeats it.
+/// The token service: what its [`TokenPolicy`] accepts. Wrong secrets are
+/// quoted back in the error, as a careless service might, so that tests
+/// can see berth never repeats them.
 async fn token_endpoint(
     stream: &mut TcpStream,
     shared: &Shared,
@@ -446,40 +605,107 @@ async fn token_endpoint(
         form: decode_pairs(&String::from_utf8_lossy(&request.body)),
         authorization: request.header("authorization").cloned(),
     };
-    let service = {
+    let policy = {
         let mut state = shared.lock().expect("state");
         state.token_requests.push(recorded.clone());
         state.token_service.clone()
     };
     let json = [("Content-Type", "application/json".to_string())];
-    let Some(service) = service else {
+    let Some(policy) = policy else {
         return error(stream, 404, "NAME_UNKNOWN", false).await;
     };
-    if request.method != "POST" {
-        let body = br#"{"errors":[{"code":"UNAUTHORIZED","message":"only the oauth2 refresh token grant is accepted"}]}"#;
-        return respond(stream, 401, &json, body, None, false).await;
-    }
     let oauth_error = |error: &str, description: String| {
         serde_json::json!({ "error": error, "error_description": description }).to_string()
     };
-    if recorded.field("grant_type") != Some("refresh_token") {
-        let body = oauth_error("unsupported_grant_type", "only refresh_token".to_string());
-        return respond(stream, 400, &json, body.as_bytes(), None, false).await;
-    }
-    let given = recorded.field("refresh_token").unwrap_or_default();
-    if given != service.identity_token {
-        let body = oauth_error(
-            "invalid_grant",
-            format!("refresh token {given} is not valid"),
-        );
-        return respond(stream, 401, &json, body.as_bytes(), None, false).await;
-    }
-    let scope = recorded.field("scope").unwrap_or_default();
+    let (service, scope) = if request.method == "POST" {
+        (
+            recorded.field("service").map(str::to_string),
+            recorded.field("scope").unwrap_or_default().to_string(),
+        )
+    } else {
+        let query = |name: &str| {
+            recorded
+                .query
+                .iter()
+                .filter(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .collect::<Vec<_>>()
+        };
+        (
+            query("service").into_iter().next(),
+            query("scope").join(" "),
+        )
+    };
     let pull_scope = scope
         .split(' ')
         .any(|s| s.starts_with("repository:") && s.ends_with(":pull"));
-    if recorded.field("service") != Some(TOKEN_SERVICE)
-        || recorded.field("client_id").unwrap_or_default().is_empty()
+    let refuse = |status: u16, body: String| (status, body);
+    let verdict: Result<(), (u16, String)> = if request.method == "POST" {
+        if policy.no_oauth_post {
+            Err(refuse(404, "404 page not found".to_string()))
+        } else {
+            match recorded.field("grant_type") {
+                Some("refresh_token") => {
+                    let given = recorded.field("refresh_token").unwrap_or_default();
+                    if policy.identity_token.as_deref() == Some(given) {
+                        Ok(())
+                    } else {
+                        Err(refuse(
+                            401,
+                            oauth_error(
+                                "invalid_grant",
+                                format!("refresh token {given} is not valid"),
+                            ),
+                        ))
+                    }
+                }
+                Some("password") => {
+                    let username = recorded.field("username").unwrap_or_default();
+                    let password = recorded.field("password").unwrap_or_default();
+                    if policy.password == Some((username.to_string(), password.to_string())) {
+                        Ok(())
+                    } else {
+                        Err(refuse(
+                            401,
+                            oauth_error(
+                                "invalid_grant",
+                                format!("password {password} is not valid for {username}"),
+                            ),
+                        ))
+                    }
+                }
+                _ => Err(refuse(
+                    400,
+                    oauth_error(
+                        "unsupported_grant_type",
+                        "only refresh_token and password".to_string(),
+                    ),
+                )),
+            }
+        }
+    } else {
+        match basic_credentials(recorded.authorization.as_deref().unwrap_or_default()) {
+            Some(credentials) if policy.password.as_ref() == Some(&credentials) => Ok(()),
+            None if recorded.authorization.is_none() && policy.anonymous => Ok(()),
+            given => {
+                let message = match (&policy.password, given) {
+                    (Some(_), Some((username, password))) => {
+                        format!("password {password} is not valid for {username}")
+                    }
+                    _ => "only the oauth2 refresh token grant is accepted".to_string(),
+                };
+                let body = serde_json::json!({
+                    "errors": [{ "code": "UNAUTHORIZED", "message": message }]
+                });
+                Err(refuse(401, body.to_string()))
+            }
+        }
+    };
+    if let Err((status, body)) = verdict {
+        return respond(stream, status, &json, body.as_bytes(), None, false).await;
+    }
+    if service.as_deref() != Some(TOKEN_SERVICE)
+        || (request.method == "POST" && recorded.field("client_id").unwrap_or_default().is_empty())
         || !pull_scope
     {
         let body = oauth_error(
@@ -488,12 +714,24 @@ async fn token_endpoint(
         );
         return respond(stream, 400, &json, body.as_bytes(), None, false).await;
     }
-    let body = serde_json::json!({
-        "access_token": service.access_token,
-        "expires_in": 300,
-        "scope": scope,
-    })
-    .to_string();
+    let token = {
+        let mut state = shared.lock().expect("state");
+        let token = format!("token-{}", state.issued.len() + 1);
+        state.issued.insert(
+            token.clone(),
+            Issued {
+                uses_left: policy.uses_per_token,
+            },
+        );
+        token
+    };
+    // The OAuth2 answer names it `access_token`, the token spec `token`.
+    let name = if request.method == "POST" {
+        "access_token"
+    } else {
+        "token"
+    };
+    let body = serde_json::json!({ name: token, "expires_in": 300, "scope": scope }).to_string();
     respond(stream, 200, &json, body.as_bytes(), None, false).await
 }
 
@@ -523,6 +761,7 @@ async fn respond(
         200 => "OK",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         _ => "Error",
