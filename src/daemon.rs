@@ -262,6 +262,10 @@ async fn serve(daemon: Arc<Daemon>, socket: &Path) -> Result<(), DaemonError> {
         action,
         source,
     };
+    // Before the socket exists: a client that sees it may signal at once,
+    // and the default action would end the daemon without its clean-up.
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
     let listener = UnixListener::bind(socket).map_err(|e| socket_err("bind", e))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
         .map_err(|e| socket_err("chmod 0660", e))?;
@@ -274,8 +278,6 @@ async fn serve(daemon: Arc<Daemon>, socket: &Path) -> Result<(), DaemonError> {
             daemon.containers.clone(),
             daemon.sandboxes.clone(),
         )))?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = crate::server::router(daemon.clone());
