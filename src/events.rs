@@ -2,6 +2,12 @@
 //! (GetContainerEvents). A bounded broadcast: a subscriber that falls
 //! behind loses the oldest events (counted and logged) and never slows the
 //! daemon down.
+//!
+//! The channel's ring of [`BUFFER`] slots (90 KiB) is made with the first
+//! subscriber: kubelet subscribes only with evented PLEG, and an event
+//! nobody subscribed to is dropped either way.
+
+use std::sync::OnceLock;
 
 use tokio::sync::broadcast;
 
@@ -25,23 +31,18 @@ pub struct Event {
     pub at: i64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Default)]
 pub struct Events {
-    tx: broadcast::Sender<Event>,
-}
-
-impl Default for Events {
-    fn default() -> Self {
-        Events {
-            tx: broadcast::channel(BUFFER).0,
-        }
-    }
+    tx: OnceLock<broadcast::Sender<Event>>,
 }
 
 impl Events {
     /// Sends to every current subscriber; none is fine.
     pub fn publish(&self, container_id: &str, pod_id: &str, kind: EventKind, at: i64) {
-        let _ = self.tx.send(Event {
+        let Some(tx) = self.tx.get() else {
+            return;
+        };
+        let _ = tx.send(Event {
             container_id: container_id.to_string(),
             pod_id: pod_id.to_string(),
             kind,
@@ -50,9 +51,8 @@ impl Events {
     }
 
     pub fn subscribe(&self) -> Subscription {
-        Subscription {
-            rx: self.tx.subscribe(),
-        }
+        let tx = self.tx.get_or_init(|| broadcast::channel(BUFFER).0);
+        Subscription { rx: tx.subscribe() }
     }
 }
 
@@ -82,6 +82,8 @@ mod tests {
     #[tokio::test]
     async fn subscribers_get_events_in_order_and_slow_ones_skip_ahead() {
         let events = Events::default();
+        // Nobody listens yet: dropped, and not kept for a later subscriber.
+        events.publish("c", "p", EventKind::Deleted, 0);
         let mut sub = events.subscribe();
         events.publish("c", "p", EventKind::Created, 1);
         events.publish("c", "p", EventKind::Started, 2);
