@@ -23,8 +23,10 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::container::{ContainerError, ContainerManager};
 use crate::executor::cgroups::CgroupManager;
+use crate::idle::{self, Activity};
 use crate::image::snapshot::Snapshots;
 use crate::image::store::{ImageError, ImageStore};
+use crate::monitor::footprint;
 use crate::network::{Network, NetworkError, Readiness};
 use crate::sandbox::{SandboxError, SandboxManager};
 use crate::store::{Kind, Store, StoreError};
@@ -220,6 +222,8 @@ impl Daemon {
 
 /// Runs the daemon until a shutdown signal. Returns after a clean shutdown.
 pub fn run(config: Config) -> Result<(), DaemonError> {
+    // Before the runtime's threads exist.
+    footprint::tune_daemon_allocator();
     create_dir(&config.root, 0o700)?;
     create_dir(&config.state, 0o711)?;
     let socket = config.socket_path();
@@ -280,7 +284,8 @@ async fn serve(daemon: Arc<Daemon>, socket: &Path) -> Result<(), DaemonError> {
         )))?;
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let router = crate::server::router(daemon.clone());
+    let activity = Activity::default();
+    let router = crate::server::router(daemon.clone(), &activity);
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
         UnixListenerStream::new(listener),
         async {
@@ -294,6 +299,12 @@ async fn serve(daemon: Arc<Daemon>, socket: &Path) -> Result<(), DaemonError> {
         version = env!("CARGO_PKG_VERSION"),
         "berth serving CRI"
     );
+    // Start-up's code, its parse of the config and the store, and its
+    // stack are never needed again (see `idle`). This runs on the main
+    // thread, outside the runtime's workers, so it also drops the stack
+    // start-up used; from now on the daemon releases whenever it is quiet.
+    footprint::release_idle();
+    tokio::spawn(idle::release_when_quiet(activity, idle::QUIET, true));
 
     let signal_name = tokio::select! {
         _ = sigterm.recv() => "SIGTERM",

@@ -13,6 +13,7 @@ pub mod container;
 pub mod daemon;
 pub mod events;
 pub mod executor;
+pub mod idle;
 pub mod ids;
 pub mod image;
 pub mod locks;

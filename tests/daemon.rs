@@ -7,8 +7,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::{Options, TestDaemon, run_berth};
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use nix::sys::signal::Signal;
+use tonic::transport::Channel;
 
 #[tokio::test]
 async fn version_names_berth_and_cri_v1() {
@@ -24,6 +26,75 @@ async fn version_names_berth_and_cri_v1() {
     assert_eq!(version.runtime_version, env!("CARGO_PKG_VERSION"));
     assert_eq!(version.runtime_api_version, "v1");
     assert_eq!(version.version, "0.1.0");
+}
+
+/// KiB of the daemon's executable that its read-only mappings (code,
+/// constants) hold in memory, from `/proc/PID/smaps`.
+fn own_code_in_memory_kib(pid: nix::unistd::Pid) -> u64 {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("daemon exe");
+    let exe = exe.to_string_lossy().into_owned();
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("daemon smaps");
+    let mut counting = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields
+            .first()
+            .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
+        {
+            // A mapping's header: range perms offset dev inode [path]
+            counting = fields.get(1).is_some_and(|perms| !perms.contains('w'))
+                && fields.get(5) == Some(&exe.as_str());
+        } else if counting && fields.first() == Some(&"Rss:") {
+            kib += fields
+                .get(1)
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    kib
+}
+
+async fn some_calls(runtime: &mut RuntimeServiceClient<Channel>) {
+    runtime
+        .version(VersionRequest::default())
+        .await
+        .expect("Version");
+    runtime
+        .status(StatusRequest { verbose: true })
+        .await
+        .expect("Status");
+    runtime
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .expect("ListPodSandbox");
+}
+
+#[tokio::test]
+async fn a_quiet_daemon_gives_back_its_code_and_serves_on() {
+    let daemon = TestDaemon::start();
+    let mut runtime = daemon.runtime().await;
+    some_calls(&mut runtime).await;
+    let busy = own_code_in_memory_kib(daemon.pid());
+    assert!(busy > 0, "the daemon runs code of its executable");
+    // The daemon releases once no call came for 15 s (src/idle.rs); a
+    // loaded machine may make that later, so allow a minute.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = own_code_in_memory_kib(daemon.pid());
+        if now < busy {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no release in a minute: {now} KiB of code in memory, {busy} KiB after the calls"
+        );
+    }
+    // What it gave back is faulted in again as the calls need it.
+    some_calls(&mut runtime).await;
+    let mut again = daemon.runtime().await;
+    some_calls(&mut again).await;
 }
 
 #[tokio::test]

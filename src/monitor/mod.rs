@@ -21,7 +21,7 @@ mod config;
 mod control;
 mod exit_record;
 mod exit_watcher;
-mod footprint;
+pub(crate) mod footprint;
 mod framing;
 mod process;
 pub mod proto;

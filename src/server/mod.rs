@@ -15,12 +15,16 @@ use std::sync::Arc;
 use k8s_cri::v1::image_service_server::ImageServiceServer;
 use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 use tonic::transport::server::Router;
+use tower::layer::util::{Identity, Stack};
 
 use crate::daemon::Daemon;
+use crate::idle::{Activity, ActivityLayer};
 
-/// The tonic router with both CRI services, ready to serve.
-pub fn router(daemon: Arc<Daemon>) -> Router {
+/// The tonic router with both CRI services, ready to serve. Every call
+/// counts as `activity` while it runs.
+pub fn router(daemon: Arc<Daemon>, activity: &Activity) -> Router<Stack<ActivityLayer, Identity>> {
     tonic::transport::Server::builder()
+        .layer(activity.layer())
         .add_service(RuntimeServiceServer::new(runtime::Runtime::new(
             daemon.clone(),
         )))
