@@ -304,7 +304,7 @@ async fn serve(daemon: Arc<Daemon>, socket: &Path) -> Result<(), DaemonError> {
     // thread, outside the runtime's workers, so it also drops the stack
     // start-up used; from now on the daemon releases whenever it is quiet.
     footprint::release_idle();
-    tokio::spawn(idle::release_when_quiet(activity, idle::QUIET, true));
+    tokio::spawn(idle::release_when_quiet(activity, true));
 
     let signal_name = tokio::select! {
         _ = sigterm.recv() => "SIGTERM",
