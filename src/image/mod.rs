@@ -5,6 +5,7 @@ pub mod auth;
 pub mod authorizer;
 pub mod content;
 pub mod digest;
+pub mod direct;
 pub mod http_errors;
 pub mod layers;
 pub mod manifest;
