@@ -20,6 +20,7 @@ use tar::EntryType;
 use super::meta::{Meta, Xattr};
 use super::path::{EntryPath, NameError};
 use super::{UnpackError, os_errno};
+use crate::image::direct::{self, DirectWriter};
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 /// AUFS' own bookkeeping files (`.wh..wh.plnk`, `.wh..wh.aufs`, ...) start
@@ -532,6 +533,37 @@ fn copy_contents<R: Read>(
     file: &mut File,
     shown: &str,
 ) -> Result<u64, UnpackError> {
+    let read_error = |error| UnpackError::Io {
+        entry: shown.to_string(),
+        op: "read contents",
+        error,
+    };
+    let write_error = |error| UnpackError::Io {
+        entry: shown.to_string(),
+        op: "write contents",
+        error,
+    };
+    // Large files go around the page cache (see `direct`), read straight
+    // into the direct writer's buffer.
+    let direct = (entry.size() >= direct::CHUNK as u64)
+        .then(|| DirectWriter::new(file))
+        .flatten();
+    if let Some(mut direct) = direct {
+        let mut total = 0u64;
+        loop {
+            match entry.read(direct.spare()) {
+                Ok(0) => break,
+                Ok(n) => {
+                    direct.filled(file, n).map_err(write_error)?;
+                    total += n as u64;
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(read_error(error)),
+            }
+        }
+        direct.finish(file).map_err(write_error)?;
+        return Ok(total);
+    }
     let mut buf = vec![0u8; 128 * 1024];
     let mut total = 0u64;
     loop {
@@ -539,19 +571,9 @@ fn copy_contents<R: Read>(
             Ok(0) => return Ok(total),
             Ok(n) => n,
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) => {
-                return Err(UnpackError::Io {
-                    entry: shown.to_string(),
-                    op: "read contents",
-                    error,
-                });
-            }
+            Err(error) => return Err(read_error(error)),
         };
-        file.write_all(&buf[..n]).map_err(|error| UnpackError::Io {
-            entry: shown.to_string(),
-            op: "write contents",
-            error,
-        })?;
+        file.write_all(&buf[..n]).map_err(write_error)?;
         total += n as u64;
     }
 }

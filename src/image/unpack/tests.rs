@@ -190,6 +190,41 @@ fn regular_file_keeps_contents_mode_owner_and_mtime() {
     assert_eq!(parent.uid(), 0);
 }
 
+/// Files of a MiB and more are written with O_DIRECT, whole blocks at a
+/// time and the tail through the page cache; a file that ends mid-block,
+/// one that ends on a block and a replaced one must all come out whole.
+#[test]
+fn large_files_keep_contents_mode_owner_and_mtime() {
+    if !root_or_skip("large_files_keep_contents_mode_owner_and_mtime") {
+        return;
+    }
+    let s = Scratch::new();
+    let data = |len: usize, seed: u8| -> Vec<u8> {
+        (0..len)
+            .map(|i| (i % 253) as u8 ^ seed)
+            .collect::<Vec<u8>>()
+    };
+    let ragged = data((3 << 20) + 1234, 1);
+    let blocks = data((1 << 20) + 8192, 2);
+    let first = data(2 << 20, 3);
+    let second = data((1 << 20) + 1, 4);
+    let tar = Layer::new()
+        .file_owned("opt/ragged.bin", &ragged, 0o4750, 1000, 2000)
+        .file("opt/blocks.bin", &blocks)
+        .file("opt/again.bin", &first)
+        .file("opt/again.bin", &second)
+        .finish();
+    s.unpack(&tar).expect("unpack");
+    let path = s.dest().join("opt/ragged.bin");
+    assert!(fs::read(&path).expect("read ragged") == ragged);
+    let meta = fs::metadata(&path).expect("stat");
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o4750);
+    assert_eq!((meta.uid(), meta.gid()), (1000, 2000));
+    assert_eq!(meta.mtime(), MTIME as i64);
+    assert!(fs::read(s.dest().join("opt/blocks.bin")).expect("read blocks") == blocks);
+    assert!(fs::read(s.dest().join("opt/again.bin")).expect("read again") == second);
+}
+
 #[test]
 fn setuid_setgid_and_sticky_bits_are_kept_after_chown() {
     if !root_or_skip("setuid_setgid_and_sticky_bits_are_kept_after_chown") {
