@@ -525,7 +525,7 @@ impl Puller {
                     source,
                 }
             })?;
-        let _permit = permits
+        let permit = permits
             .acquire()
             .await
             .map_err(|e| PullError::Task(format!("download permits: {e}")))?;
@@ -604,6 +604,10 @@ impl Puller {
             }
         }
         drop(tx);
+        // The permit bounds downloads: the next layer's request goes out
+        // while this one's last chunks are unpacked and it is synced, which
+        // kept a core idle between layers.
+        drop(permit);
         let result = unpacker.await.map_err(|e| PullError::Task(e.to_string()))?;
         if aborted {
             return Err(cancelled());
