@@ -4,9 +4,12 @@
 //! directory under its chain ID is always a whole layer.
 
 use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
 
 use crate::image::digest::Digest;
 use crate::image::unpack::{self, Compression, Limits, UnpackError};
@@ -136,7 +139,8 @@ impl LayerStore {
             });
         }
         verify()?;
-        sync_filesystem(&tmp.0)?;
+        let synced = sync_layer(&tmp.0)?;
+        tracing::debug!(chain_id = %chain_id, ?synced, "layer synced");
         let final_path = self.path(chain_id);
         match std::fs::rename(&tmp.0, &final_path) {
             Ok(()) => {}
@@ -219,18 +223,99 @@ impl Drop for TempDir {
     }
 }
 
+/// Layers of at most this many entries are synced one fsync per file and
+/// directory; larger ones with one syncfs. An fsync costs about 0.15 ms, a
+/// syncfs 20 ms on a quiet filesystem and much more on a busy one.
+const FSYNC_MAX_ENTRIES: usize = 128;
+
+/// How a layer was made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Synced {
+    /// fsync of every regular file and directory.
+    EachFile,
+    /// syncfs of the filesystem holding it.
+    Filesystem,
+}
+
 /// The unpacked files must be on disk before the rename publishes them.
-fn sync_filesystem(path: &Path) -> Result<(), LayerError> {
-    let dir = std::fs::File::open(path).map_err(|source| LayerError::Io {
-        op: "open",
-        path: path.to_path_buf(),
-        source,
-    })?;
-    rustix::fs::syncfs(&dir).map_err(|e| LayerError::Io {
-        op: "syncfs",
-        path: path.to_path_buf(),
-        source: e.into(),
-    })
+///
+/// syncfs does that in one call however many files a layer has, but it
+/// also writes out, and waits for, every dirty page of the filesystem: on a
+/// busy node, or right after another runtime's pull, hundreds of MB that
+/// are not ours, paid by the first layer that commits. A small layer is
+/// made durable the way POSIX promises instead, an fsync of each regular
+/// file and of each directory (which holds its symlinks, devices and
+/// whiteouts). Nothing is followed or opened but regular files and
+/// directories, so a fifo or a symlink in the layer is harmless.
+fn sync_layer(path: &Path) -> Result<Synced, LayerError> {
+    let io_err = |op: &'static str| {
+        move |e: rustix::io::Errno| LayerError::Io {
+            op,
+            path: path.to_path_buf(),
+            source: e.into(),
+        }
+    };
+    let root = rustix::fs::open(path, DIR_FLAGS, Mode::empty()).map_err(io_err("open"))?;
+    let Some(files) = small_tree(&root, FSYNC_MAX_ENTRIES).map_err(io_err("list"))? else {
+        rustix::fs::syncfs(&root).map_err(io_err("syncfs"))?;
+        return Ok(Synced::Filesystem);
+    };
+    for fd in files.iter().chain(std::iter::once(&root)) {
+        rustix::fs::fsync(fd).map_err(io_err("fsync"))?;
+    }
+    Ok(Synced::EachFile)
+}
+
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+
+/// Open fds of every regular file and directory below `root`, or `None`
+/// when the tree has more than `max` entries of any kind.
+fn small_tree(root: &OwnedFd, max: usize) -> Result<Option<Vec<OwnedFd>>, rustix::io::Errno> {
+    let mut found = Vec::new();
+    let mut entries = 0usize;
+    // Indexes into `found` of the directories still to list; the root is
+    // listed first.
+    let mut pending: Vec<Option<usize>> = vec![None];
+    while let Some(next) = pending.pop() {
+        let dir = match next {
+            Some(index) => &found[index],
+            None => root,
+        };
+        let mut children = Vec::new();
+        for child in Dir::read_from(dir)? {
+            let child = child?;
+            let name = child.file_name();
+            if name.to_bytes() == b"." || name.to_bytes() == b".." {
+                continue;
+            }
+            entries += 1;
+            if entries > max {
+                return Ok(None);
+            }
+            let kind = match child.file_type() {
+                FileType::Unknown => FileType::from_raw_mode(
+                    rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?.st_mode,
+                ),
+                known => known,
+            };
+            let flags = match kind {
+                FileType::Directory => DIR_FLAGS,
+                FileType::RegularFile => OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                _ => continue,
+            };
+            children.push((rustix::fs::openat(dir, name, flags, Mode::empty())?, kind));
+        }
+        for (fd, kind) in children {
+            if kind == FileType::Directory {
+                pending.push(Some(found.len()));
+            }
+            found.push(fd);
+        }
+    }
+    Ok(Some(found))
 }
 
 #[cfg(test)]
@@ -297,6 +382,34 @@ mod tests {
         store.delete(&diff).expect("delete");
         store.delete(&diff).expect("delete again");
         assert!(!store.contains(&diff));
+    }
+
+    #[test]
+    fn small_layers_are_synced_file_by_file_without_opening_anything_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layer = dir.path().join("layer");
+        std::fs::create_dir_all(layer.join("etc/deep/er")).expect("dirs");
+        std::fs::write(layer.join("etc/deep/er/file"), b"data").expect("file");
+        // Opening either fifo would block: only files and directories are
+        // opened, and symlinks are not followed.
+        let outside = dir.path().join("outside-fifo");
+        for fifo in [&outside, &layer.join("etc/fifo")] {
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                fifo,
+                FileType::Fifo,
+                Mode::from_raw_mode(0o600),
+                0,
+            )
+            .expect("mkfifo");
+        }
+        std::os::unix::fs::symlink(&outside, layer.join("etc/link")).expect("symlink");
+        assert_eq!(sync_layer(&layer).expect("sync"), Synced::EachFile);
+
+        for i in 0..FSYNC_MAX_ENTRIES {
+            std::fs::write(layer.join(format!("f{i}")), b"x").expect("file");
+        }
+        assert_eq!(sync_layer(&layer).expect("sync"), Synced::Filesystem);
     }
 
     #[test]
