@@ -518,3 +518,156 @@ async fn a_registry_that_hangs_times_out() {
     assert!(err.message().contains("hangs/forever"), "{err:?}");
     drop(listener);
 }
+
+/// Debian's docker-registry with htpasswd (basic) auth, serving the test
+/// rig's own storage read-only; stopped when dropped.
+struct AuthRegistry {
+    child: std::process::Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl AuthRegistry {
+    const USER: &'static str = "berth";
+    const PASSWORD: &'static str = "s3cret-pass";
+
+    fn start() -> AuthRegistry {
+        let images = std::env::var("BERTH_TEST_IMAGES").expect("BERTH_TEST_IMAGES");
+        let storage = std::path::Path::new(&images)
+            .parent()
+            .expect("the rig's directory")
+            .join("storage");
+        assert!(
+            storage.is_dir(),
+            "the rig's registry storage at {storage:?}"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        // distribution only accepts bcrypt entries.
+        let hash = bcrypt::hash(Self::PASSWORD, 4).expect("bcrypt");
+        let htpasswd = dir.path().join("htpasswd");
+        std::fs::write(&htpasswd, format!("{}:{hash}\n", Self::USER)).expect("htpasswd");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  maintenance:\n    readonly:\n      enabled: true\nhttp:\n  addr: {addr}\nauth:\n  htpasswd:\n    realm: berth-test\n    path: {}\n",
+                storage.display(),
+                htpasswd.display()
+            ),
+        )
+        .expect("config");
+        let child = std::process::Command::new("/usr/bin/docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start docker-registry");
+        let registry = AuthRegistry {
+            child,
+            addr,
+            _dir: dir,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect(&registry.addr).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "docker-registry with auth did not listen on {}",
+                registry.addr
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        registry
+    }
+
+    /// `reference` of the rig's registry, on this one.
+    fn reference(&self, rig: &TestImages, key: &str) -> String {
+        rig.reference(key).replacen(&rig.registry, &self.addr, 1)
+    }
+}
+
+impl Drop for AuthRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn pull_as(
+    client: &mut ImageServiceClient<Channel>,
+    name: &str,
+    username: &str,
+    password: &str,
+) -> Result<String, tonic::Status> {
+    client
+        .pull_image(PullImageRequest {
+            image: spec(name),
+            auth: Some(AuthConfig {
+                username: username.to_string(),
+                password: password.to_string(),
+                ..AuthConfig::default()
+            }),
+            ..PullImageRequest::default()
+        })
+        .await
+        .map(|r| r.into_inner().image_ref)
+}
+
+#[tokio::test]
+async fn a_registry_with_basic_auth_takes_the_right_password_only() {
+    let Some(rig) = TestImages::load() else {
+        return;
+    };
+    let registry = AuthRegistry::start();
+    let daemon = loopback_daemon();
+    let mut client = daemon.images().await;
+    let reference = registry.reference(&rig, "busybox");
+
+    let anonymous = pull(&mut client, &reference)
+        .await
+        .expect_err("no credentials");
+    assert_eq!(
+        anonymous.code(),
+        tonic::Code::Unauthenticated,
+        "{anonymous:?}"
+    );
+    let wrong = pull_as(
+        &mut client,
+        &reference,
+        AuthRegistry::USER,
+        "not-the-password-7x",
+    )
+    .await
+    .expect_err("wrong password");
+    assert_eq!(wrong.code(), tonic::Code::Unauthenticated, "{wrong:?}");
+    assert!(
+        wrong.message().contains(&registry.addr),
+        "{}",
+        wrong.message()
+    );
+    assert!(
+        !wrong.message().contains("not-the-password-7x"),
+        "{}",
+        wrong.message()
+    );
+    assert!(status(&mut client, &reference).await.is_none());
+
+    let image_ref = pull_as(
+        &mut client,
+        &reference,
+        AuthRegistry::USER,
+        AuthRegistry::PASSWORD,
+    )
+    .await
+    .expect("pull with the right password");
+    assert_eq!(image_ref, rig.str("busybox", "image_id"));
+    let image = status(&mut client, &reference)
+        .await
+        .expect("image present");
+    assert_eq!(image.repo_tags, vec![reference]);
+}
