@@ -532,15 +532,16 @@ impl AuthRegistry {
     const PASSWORD: &'static str = "s3cret-pass";
 
     fn start() -> AuthRegistry {
+        // hack/test-env.sh keeps the registry beside images.json,
+        // hack/test.sh in a `registry` directory beside it.
         let images = std::env::var("BERTH_TEST_IMAGES").expect("BERTH_TEST_IMAGES");
-        let storage = std::path::Path::new(&images)
+        let rig_dir = std::path::Path::new(&images)
             .parent()
-            .expect("the rig's directory")
-            .join("storage");
-        assert!(
-            storage.is_dir(),
-            "the rig's registry storage at {storage:?}"
-        );
+            .expect("the rig's directory");
+        let storage = [rig_dir.join("storage"), rig_dir.join("registry/storage")]
+            .into_iter()
+            .find(|s| s.is_dir())
+            .unwrap_or_else(|| panic!("no registry storage in {rig_dir:?}"));
         let dir = tempfile::tempdir().expect("tempdir");
         // distribution only accepts bcrypt entries.
         let hash = bcrypt::hash(Self::PASSWORD, 4).expect("bcrypt");

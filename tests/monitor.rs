@@ -814,8 +814,11 @@ async fn container_and_monitor_survive_their_launcher_killed_with_sigkill() {
     let launched = c.config.bundle.join("launched");
     let start = Instant::now();
     let pid = loop {
-        if let Ok(text) = std::fs::read_to_string(&launched) {
-            break text.parse::<u32>().expect("a pid");
+        // The helper writes the file in place: it may be seen empty first.
+        if let Ok(text) = std::fs::read_to_string(&launched)
+            && let Ok(pid) = text.trim().parse::<u32>()
+        {
+            break pid;
         }
         assert!(
             launcher.0.try_wait().expect("launcher status").is_none(),
