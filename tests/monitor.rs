@@ -271,8 +271,14 @@ impl Drop for TestContainer {
     fn drop(&mut self) {
         let mut problems = Vec::new();
         // The container first: its monitor then records the exit and
-        // leaves; a monitor that does not is a bug, and is killed too.
-        if let Some(container) = self.container {
+        // leaves; a monitor that does not is a bug, and is killed too. A
+        // test that failed before it learned the pid (one launched by a
+        // helper process) still finds it in the monitor's pid file.
+        let container = self.container.or_else(|| {
+            let text = std::fs::read_to_string(&self.config.pid_file).ok()?;
+            Proc::of(text.trim().parse().ok()?)
+        });
+        if let Some(container) = container {
             container.kill();
             if !container.wait_gone(Duration::from_secs(5)) {
                 problems.push(format!("container {} survived SIGKILL", container.pid));
