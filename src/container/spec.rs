@@ -275,8 +275,7 @@ impl HostInfo {
             cgroup_v2,
             swap_controller,
             hugetlb_controller,
-            apparmor: std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
-                .is_ok_and(|v| v.trim_start().starts_with('Y')),
+            apparmor: crate::executor::lsm::apparmor_enabled(),
             hostname: uname.nodename().to_string_lossy().into_owned(),
             last_cap: std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
                 .ok()

@@ -413,11 +413,9 @@ impl Store {
     /// Opening repairs the file from its last committed state.
     fn reopen(&self) -> Result<(), StoreError> {
         let mut db = self.inner.db.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = db.take() {
-            // The file lock is per open file: the old handle must be closed
-            // before the new one can take it.
-            drop(old);
-        }
+        // The file lock is per open file: the old handle must be closed
+        // before the new one can take it.
+        *db = None;
         tracing::warn!(path = %self.inner.path.display(), "reopening the metadata database after an I/O error");
         *db = Some(open_database(&self.inner.path)?);
         Ok(())

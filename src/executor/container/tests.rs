@@ -724,6 +724,17 @@ fn user_namespace_maps_root_to_an_unprivileged_host_uid() {
     );
 }
 
+/// Removes the test's (empty) cgroup directories, also when it fails.
+struct RemoveCgroups(Vec<PathBuf>);
+
+impl Drop for RemoveCgroups {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
 #[test]
 fn cgroup_procs_put_the_container_in_its_cgroup() {
     isolated("cgroup_procs_put_the_container_in_its_cgroup", || {
@@ -734,13 +745,7 @@ fn cgroup_procs_put_the_container_in_its_cgroup() {
         }
         let cg = hierarchy.join(format!("berth-exec-test-{}", std::process::id()));
         std::fs::create_dir(&cg).unwrap();
-        struct RemoveCgroup(PathBuf);
-        impl Drop for RemoveCgroup {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir(&self.0);
-            }
-        }
-        let _cleanup = RemoveCgroup(cg.clone());
+        let _cleanup = RemoveCgroups(vec![cg.clone()]);
         let rootfs = Rootfs::new();
         let spec = to_spec(spec(
             &rootfs.path(),
@@ -795,14 +800,6 @@ fn the_v2_cgroup_is_joined_at_birth_and_v1_ones_by_write() {
             let v1_pids = Path::new("/sys/fs/cgroup/pids");
             if v1_pids.join("cgroup.procs").exists() {
                 dirs.push(v1_pids.join(&name));
-            }
-            struct RemoveCgroups(Vec<PathBuf>);
-            impl Drop for RemoveCgroups {
-                fn drop(&mut self) {
-                    for d in &self.0 {
-                        let _ = std::fs::remove_dir(d);
-                    }
-                }
             }
             for d in &dirs {
                 std::fs::create_dir(d).unwrap();
