@@ -177,8 +177,6 @@ fn cgroups() -> Vec<Finding> {
         detail.push_str(&format!("; {} v1 controllers", layout.v1.len()));
     }
     let mut findings = vec![finding(Outcome::Ok, "cgroups", detail)];
-    let mounts = crate::executor::mounts::mountinfo().unwrap_or_default();
-    findings.push(cgroup_moves(layout.mode, &mounts));
     let mut wanted: Vec<&str> = REQUIRED_CONTROLLERS.to_vec();
     // v1 enforces device rules with a controller; v2 with eBPF.
     if layout.mode != CgroupMode::Unified {
@@ -216,31 +214,6 @@ fn cgroups() -> Vec<Finding> {
         });
     }
     findings
-}
-
-/// On v2 a container's first process is born in its cgroup (clone3), but
-/// v1 hierarchies need a move, and a move waits for an RCU grace period
-/// unless the kernel favours dynamic cgroup changes (one switch for all
-/// hierarchies, shown in every cgroup mount's options).
-fn cgroup_moves(mode: CgroupMode, mounts: &[crate::executor::mounts::MountInfo]) -> Finding {
-    let favoured = mounts.iter().any(|m| {
-        (m.fstype == "cgroup" || m.fstype == "cgroup2")
-            && m.super_options.split(',').any(|o| o == "favordynmods")
-    });
-    if mode == CgroupMode::Unified || favoured {
-        let how = if mode == CgroupMode::Unified {
-            "processes start in their cgroup"
-        } else {
-            "favordynmods is on"
-        };
-        return finding(Outcome::Ok, "cgroup moves", format!("fast: {how}"));
-    }
-    finding(
-        Outcome::Optional,
-        "cgroup moves",
-        "slow: every container create and exec waits 5-15 ms for the kernel to move a process \
-         into v1 cgroups; boot with cgroup_favordynmods=true (or remount cgroup2 with favordynmods)",
-    )
 }
 
 fn seccomp() -> Finding {
@@ -376,43 +349,6 @@ fn free_space(root: &Path) -> Finding {
 mod tests {
     use super::*;
 
-    fn cgroup_mount(fstype: &str, options: &str) -> crate::executor::mounts::MountInfo {
-        crate::executor::mounts::MountInfo {
-            root: "/".into(),
-            mount_point: "/sys/fs/cgroup/x".into(),
-            fstype: fstype.into(),
-            super_options: options.into(),
-        }
-    }
-
-    #[test]
-    fn cgroup_moves_are_slow_only_on_v1_without_favordynmods() {
-        let plain = [
-            cgroup_mount("cgroup", "rw,pids"),
-            cgroup_mount("cgroup2", "rw"),
-        ];
-        let favoured = [
-            cgroup_mount("cgroup", "rw,pids"),
-            cgroup_mount("cgroup2", "rw,nsdelegate,favordynmods"),
-        ];
-        assert_eq!(
-            cgroup_moves(CgroupMode::Unified, &plain[1..]).outcome,
-            Outcome::Ok
-        );
-        assert_eq!(
-            cgroup_moves(CgroupMode::Hybrid, &plain).outcome,
-            Outcome::Optional
-        );
-        assert_eq!(
-            cgroup_moves(CgroupMode::Legacy, &plain[..1]).outcome,
-            Outcome::Optional
-        );
-        assert_eq!(
-            cgroup_moves(CgroupMode::Hybrid, &favoured).outcome,
-            Outcome::Ok
-        );
-    }
-
     #[test]
     fn findings_print_as_aligned_lines() {
         let line = finding(Outcome::Missing, "seccomp", "what to do").to_string();
@@ -437,7 +373,6 @@ mod tests {
             "namespace net",
             "namespace user",
             "cgroups",
-            "cgroup moves",
             "seccomp",
             "apparmor",
             "cni",

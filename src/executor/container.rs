@@ -6,8 +6,8 @@
 //! Processes (the caller must be single-threaded: `berth monitor`):
 //!
 //! ```text
-//! caller ──fork──► intermediate: oom_score_adj, setns (joined namespaces),
-//!   │                unshare(user); "ready" ─► caller: cgroup.procs, id maps; "go"
+//! caller ──fork──► intermediate: cgroups, oom_score_adj, setns (joined
+//!   │                namespaces), unshare(user); "ready" ─► caller: id maps; "go"
 //!   │                unshare(the other new namespaces)
 //!   │                clone(CLONE_PARENT) ─► init (pid 1 of a new pid namespace,
 //!   │                "pid" ─► caller;  exits        a child of the caller)
@@ -24,7 +24,7 @@
 
 use std::convert::Infallible;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -281,8 +281,8 @@ pub(crate) fn launch(
     let (parent, child) = SyncSocket::pair()?;
     parent.set_timeout(SETUP_TIMEOUT)?;
 
-    // The intermediate is born in the v2 cgroup when there is one; the v1
-    // hierarchies (and kernels before 5.7) take a write to cgroup.procs.
+    // The intermediate is born in the v2 cgroup when there is one and moves
+    // itself into the others (see `join_cgroups`).
     let (v2_dir, v1_procs) = clone_into::split_v2(cgroup_procs);
     // SAFETY: the executor's callers are single-threaded (`berth monitor`;
     // tests run each container in a single-threaded re-exec of the test
@@ -290,7 +290,7 @@ pub(crate) fn launch(
     // the child may allocate. It never returns: it ends in `_exit`. The
     // clone3 child makes system calls, allocates and ends the same way.
     #[allow(unsafe_code)]
-    let (forked, to_write) = match &v2_dir {
+    let (forked, to_join) = match &v2_dir {
         Some(dir) => match unsafe { clone_into::fork_into(dir) } {
             Err(e) if clone_into::unsupported(e) => (
                 unsafe { fork() },
@@ -305,7 +305,9 @@ pub(crate) fn launch(
     let mid = match forked {
         ForkResult::Child => {
             drop(parent);
-            let code = match intermediate(plan, &child, child_main) {
+            let code = match join_cgroups(&to_join)
+                .and_then(|()| intermediate(plan, &child, child_main))
+            {
                 Ok(()) => 0,
                 Err(e) => {
                     let _ = child.send(&Message::Error(e.to_string()));
@@ -339,15 +341,6 @@ pub(crate) fn launch(
             guard.0.clear();
             return Err(ExecutorError::ChildDied(describe(reap(mid))));
         }
-    }
-    for path in to_write {
-        std::fs::write(path, mid.as_raw().to_string()).map_err(|source| {
-            ExecutorError::CgroupJoin {
-                pid: mid.as_raw(),
-                path: path.to_path_buf(),
-                source,
-            }
-        })?;
     }
     plan.namespaces.write_id_maps(mid)?;
     parent.send(&Message::Go)?;
@@ -403,6 +396,27 @@ pub(crate) fn launch(
         sock: parent,
         pty_master,
     })
+}
+
+/// Moves the calling (single-threaded) process into the cgroups whose
+/// `cgroup.procs` files are listed. On v1 it writes `0` to `tasks`: the
+/// kernel moves the writing thread alone without its global threadgroup
+/// lock, whose write side waits for an RCU grace period (~10 ms) unless
+/// the host mounted cgroup2 with `favordynmods`; for a process of one
+/// thread that is the whole process. Elsewhere it writes `cgroup.procs`.
+fn join_cgroups(procs_files: &[&Path]) -> Result<(), ExecutorError> {
+    let pid = std::process::id() as i32;
+    for procs in procs_files {
+        let tasks = procs.with_file_name("tasks");
+        let written = match std::fs::write(&tasks, "0") {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::write(procs, "0").map_err(|e| (procs.to_path_buf(), e))
+            }
+            other => other.map_err(|e| (tasks, e)),
+        };
+        written.map_err(|(path, source)| ExecutorError::CgroupJoin { pid, path, source })?;
+    }
+    Ok(())
 }
 
 /// The intermediate process: namespaces, then the clone of the container

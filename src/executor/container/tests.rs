@@ -787,9 +787,9 @@ fn cgroup2_mount() -> Option<PathBuf> {
 }
 
 #[test]
-fn the_v2_cgroup_is_joined_at_birth_and_v1_ones_by_write() {
+fn the_v2_cgroup_is_joined_at_birth_and_v1_ones_by_the_process_itself() {
     isolated(
-        "the_v2_cgroup_is_joined_at_birth_and_v1_ones_by_write",
+        "the_v2_cgroup_is_joined_at_birth_and_v1_ones_by_the_process_itself",
         || {
             let Some(v2) = cgroup2_mount() else {
                 eprintln!("skipped: no cgroup v2 hierarchy");
