@@ -41,7 +41,11 @@ enum Command {
     /// Internal: supervise one container (started by the daemon with
     /// `--config <bundle>/monitor.json`).
     #[command(hide = true)]
-    Monitor,
+    Monitor {
+        /// Serve the daemon as its monitor zygote (on stdin).
+        #[arg(long)]
+        zygote: bool,
+    },
     /// Internal: run a command in a running container (run by the daemon
     /// for ExecSync).
     #[command(hide = true)]
@@ -134,8 +138,10 @@ impl Cli {
 }
 
 pub fn run() -> ExitCode {
-    if let Some(config) = monitor_invocation(std::env::args_os()) {
-        return run_monitor(&config);
+    match monitor_invocation(std::env::args_os()) {
+        Some(MonitorInvocation::Config(config)) => return run_monitor(&config),
+        Some(MonitorInvocation::Zygote) => return run_zygote(),
+        None => {}
     }
     let cli = Cli::parse();
     match dispatch(&cli) {
@@ -148,20 +154,36 @@ pub fn run() -> ExitCode {
     }
 }
 
-/// The config path when the arguments are exactly `monitor --config PATH`,
-/// as `monitor::spawn` starts every monitor. That command runs once per
-/// container and must stay small, so it skips clap: building the parser for
-/// every subcommand (`bench` included) costs a monitor heap, stack and code
-/// pages it keeps for its whole life. Any other spelling goes through clap
-/// and reaches the same `run_monitor`.
-fn monitor_invocation(mut args: impl Iterator<Item = OsString>) -> Option<PathBuf> {
+#[derive(Debug, PartialEq, Eq)]
+enum MonitorInvocation {
+    /// `monitor --config PATH`: one monitor.
+    Config(PathBuf),
+    /// `monitor --zygote`: the daemon's monitor zygote.
+    Zygote,
+}
+
+/// The monitor's arguments when they are exactly `monitor --config PATH` or
+/// `monitor --zygote`, as `monitor::spawn` and the zygote start them. Those
+/// commands run once per container (or live as long as the daemon) and
+/// must stay small, so they skip clap: building the parser for every
+/// subcommand (`bench` included) costs a monitor heap, stack and code pages
+/// it keeps for its whole life. Any other spelling goes through clap and
+/// reaches the same functions.
+fn monitor_invocation(mut args: impl Iterator<Item = OsString>) -> Option<MonitorInvocation> {
     let _argv0 = args.next()?;
-    let (Some(command), Some(flag), Some(path), None) =
-        (args.next(), args.next(), args.next(), args.next())
-    else {
+    let (Some(command), Some(flag)) = (args.next(), args.next()) else {
         return None;
     };
-    (command == "monitor" && flag == "--config" && !path.is_empty()).then(|| PathBuf::from(path))
+    if command != "monitor" {
+        return None;
+    }
+    match (flag.to_str(), args.next(), args.next()) {
+        (Some("--zygote"), None, None) => Some(MonitorInvocation::Zygote),
+        (Some("--config"), Some(path), None) if !path.is_empty() => {
+            Some(MonitorInvocation::Config(PathBuf::from(path)))
+        }
+        _ => None,
+    }
 }
 
 fn run_monitor(config: &Path) -> ExitCode {
@@ -169,6 +191,20 @@ fn run_monitor(config: &Path) -> ExitCode {
     // starts no thread, so the monitor stays single-threaded.
     crate::logging::init_monitor();
     crate::monitor::run(config)
+}
+
+fn run_zygote() -> ExitCode {
+    // The subscriber (no thread) is inherited by every forked monitor and
+    // writes to its stderr, which the fork makes the monitor's log.
+    crate::logging::init_monitor();
+    match crate::monitor::serve_zygote() {
+        Ok(Some(forked)) => crate::monitor::run_forked(&forked.config_path),
+        Ok(None) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "monitor zygote failed");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
@@ -198,7 +234,8 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             print!("{}", config.to_toml());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Monitor => {
+        Command::Monitor { zygote: true } => Ok(run_zygote()),
+        Command::Monitor { zygote: false } => {
             let path = cli
                 .config
                 .as_deref()
@@ -275,10 +312,16 @@ mod tests {
                 "--config",
                 "/b/m.json"
             ])),
-            Some(PathBuf::from("/b/m.json"))
+            Some(MonitorInvocation::Config(PathBuf::from("/b/m.json")))
+        );
+        assert_eq!(
+            monitor_invocation(args(&["/proc/self/exe", "monitor", "--zygote"])),
+            Some(MonitorInvocation::Zygote)
         );
         for other in [
-            &["berth", "--config", "/b/m.json", "monitor"][..],
+            &["berth", "monitor", "--zygote", "x"][..],
+            &["berth", "monitor", "--zygote=true"],
+            &["berth", "--config", "/b/m.json", "monitor"],
             &["berth", "monitor", "--config=/b/m.json"],
             &["berth", "monitor", "--config", "/b/m.json", "--help"],
             &["berth", "monitor", "--config", ""],
@@ -298,7 +341,10 @@ mod tests {
             &["berth", "monitor", "--config=/b/m.json"],
         ] {
             let cli = Cli::try_parse_from(form).expect("parses");
-            assert!(matches!(cli.command, Command::Monitor), "{form:?}");
+            assert!(
+                matches!(cli.command, Command::Monitor { zygote: false }),
+                "{form:?}"
+            );
             assert_eq!(cli.config, Some(PathBuf::from("/b/m.json")));
         }
     }

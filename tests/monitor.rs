@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use berth::executor::cgroups::{CgroupDriver, CgroupGuard, CgroupManager, CgroupPath};
 use berth::logs::{Stream, Tag, parse_record};
 use berth::monitor::{
-    AttachOptions, ExitRecord, ExitWatcher, MonitorClient, MonitorConfig, State, list_exit_records,
-    read_exit_record, spawn_with,
+    AttachOptions, ExitRecord, ExitWatcher, MonitorClient, MonitorConfig, State, Zygote,
+    list_exit_records, read_exit_record, spawn_with, spawn_with_zygote,
 };
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -856,6 +856,54 @@ async fn container_and_monitor_survive_their_launcher_killed_with_sigkill() {
     let record = c.wait_exit(&mut watcher).await;
     assert_eq!(record.signal, Some(9));
     assert!(record.started_at > 0);
+}
+
+/// The daemon's way: monitors forked by one zygote. They work as executed
+/// ones do, the zygote reaps those that end, and when the zygote goes (its
+/// daemon's end closed) the others and their containers live on.
+#[tokio::test]
+async fn monitors_forked_by_the_zygote_outlive_it() {
+    require_root_and_busybox!("monitors_forked_by_the_zygote_outlive_it");
+    let zygote = Zygote::start(Path::new(MONITOR)).expect("start the zygote");
+    let zygote_pid = zygote.pid() as i32;
+    let mut short = TestContainer::new("c-zygote-short", &["sh", "-c", "echo from zygote; exit 3"]);
+    let mut long = TestContainer::new("c-zygote-long", &["sleep", "1000"]);
+    let mut watcher = ExitWatcher::new(&short.exits()).expect("watch exits");
+    for c in [&mut short, &mut long] {
+        let pid = spawn_with_zygote(&zygote, Path::new(MONITOR), &c.config, WAIT)
+            .await
+            .expect("spawn through the zygote");
+        c.adopt(pid);
+        let monitor = c.monitor.expect("monitor");
+        assert_eq!(
+            monitor.parent().map(|p| p.pid),
+            Some(zygote_pid),
+            "the zygote forked the monitor"
+        );
+        c.client().start().await.expect("start");
+    }
+    let record = short.wait_exit(&mut watcher).await;
+    assert_eq!(record.exit_code, 3);
+    let lines = read_log(&short.config.log_path);
+    assert_eq!(messages(&lines, Stream::Stdout), ["from zygote"]);
+    // The zygote reaps the monitor that ended: not even a zombie is left.
+    let short_monitor = short.monitor.expect("monitor");
+    let start = Instant::now();
+    while Proc::of(short_monitor.pid).is_some_and(|p| p.start_time == short_monitor.start_time) {
+        assert!(start.elapsed() < WAIT, "the ended monitor was not reaped");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(zygote);
+    assert!(
+        Proc::of(zygote_pid).is_none_or(|p| !p.alive()),
+        "the zygote outlived its daemon's end"
+    );
+    let monitor = long.monitor.expect("monitor");
+    assert!(monitor.alive(), "monitor died with the zygote");
+    assert!(long.container.expect("container").alive());
+    assert_ne!(monitor.parent().map(|p| p.pid), Some(zygote_pid));
+    let status = long.client().status().await.expect("status");
+    assert_eq!(status.state(), State::Running);
 }
 
 #[tokio::test]

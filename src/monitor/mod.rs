@@ -28,6 +28,7 @@ pub mod proto;
 mod spawn;
 mod stdio;
 mod supervisor;
+mod zygote;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -38,9 +39,10 @@ pub use client::{AttachOptions, AttachReader, AttachWriter, Attached, MonitorCli
 pub use config::MonitorConfig;
 pub use exit_record::{ExitRecord, read_exit_record, read_oom_kill_count};
 pub use exit_watcher::{ExitWatcher, list_exit_records};
-pub use process::run;
+pub use process::{run, run_forked};
 pub use proto::{State, StatusReply};
-pub use spawn::{SPAWN_TIMEOUT, spawn, spawn_with};
+pub use spawn::{SPAWN_TIMEOUT, spawn, spawn_with, spawn_with_zygote};
+pub use zygote::{Zygote, serve as serve_zygote};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {

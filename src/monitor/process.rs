@@ -43,15 +43,29 @@ pub fn run(config_path: &Path) -> ExitCode {
     // SAFETY: nothing has started a thread (see the contract above); the
     // child goes on with the same single thread.
     match unsafe { fork() } {
-        Ok(ForkResult::Parent { .. }) => return ExitCode::SUCCESS,
-        Ok(ForkResult::Child) => {}
-        Err(errno) => {
-            return report.fail(&MonitorError::Sys {
-                op: "fork monitor",
-                errno,
-            });
-        }
+        Ok(ForkResult::Parent { .. }) => ExitCode::SUCCESS,
+        Ok(ForkResult::Child) => supervise(config, report),
+        Err(errno) => report.fail(&MonitorError::Sys {
+            op: "fork monitor",
+            errno,
+        }),
     }
+}
+
+/// The entry point of a monitor forked by the zygote: stdin is already the
+/// result pipe, stderr the monitor's log, and the zygote is a parent that
+/// waits for nothing (see `zygote`).
+pub fn run_forked(config_path: &Path) -> ExitCode {
+    let mut report = ResultPipe::from_stdin();
+    match MonitorConfig::load(config_path) {
+        Ok(config) => supervise(config, report),
+        Err(e) => report.fail(&e),
+    }
+}
+
+/// The monitor proper, once detached from whoever started it: own session,
+/// subreaper, the container created and reported, then supervised.
+fn supervise(config: MonitorConfig, mut report: ResultPipe) -> ExitCode {
     if let Err(errno) = setsid() {
         return report.fail(&MonitorError::Sys {
             op: "setsid",
@@ -91,7 +105,7 @@ pub fn run(config_path: &Path) -> ExitCode {
 /// Fds our launcher leaked to us (not close-on-exec) must not reach the
 /// container through the executor.
 #[allow(unsafe_code)] // borrowing fds by number
-fn cloexec_inherited_fds() {
+pub(super) fn cloexec_inherited_fds() {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return;
     };
