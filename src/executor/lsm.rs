@@ -137,3 +137,7 @@ mod tests {
         assert_eq!(exec_attr_value("berth-default"), "exec berth-default");
     }
 }
+
+#[cfg(test)]
+#[path = "lsm/kernel_tests.rs"]
+mod kernel_tests;
