@@ -15,6 +15,10 @@ use std::path::Path;
 pub enum LsmError {
     #[error("apparmor profile {profile:?} requested but this host has no apparmor enabled")]
     NoAppArmor { profile: String },
+    #[error(
+        "apparmor profile {profile:?} is not loaded in the kernel (load it with apparmor_parser)"
+    )]
+    NotLoaded { profile: String },
     #[error("apply apparmor profile {profile:?} (write {path}): {source}")]
     Apply {
         profile: String,
@@ -81,25 +85,23 @@ fn exec_attr_value(profile: &str) -> String {
 /// container's process, where `/proc` is the container's own.
 pub fn apply_apparmor_on_exec(profile: &str) -> Result<(), LsmError> {
     let value = exec_attr_value(profile);
-    let mut last = None;
+    let mut missing = None;
     for path in EXEC_ATTR_PATHS {
-        let written = std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .and_then(|mut f| f.write_all(value.as_bytes()));
-        match written {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => last = Some((path, e)),
-            Err(source) => {
-                return Err(LsmError::Apply {
-                    profile: profile.to_owned(),
-                    path,
-                    source,
-                });
+        // Only a missing file sends us to the next path: the kernel answers
+        // a write naming a profile it does not have with ENOENT too.
+        let mut file = match std::fs::OpenOptions::new().write(true).open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                missing = Some((path, e));
+                continue;
             }
-        }
+            Err(source) => return Err(apply_error(profile, path, source)),
+        };
+        return file
+            .write_all(value.as_bytes())
+            .map_err(|source| apply_error(profile, path, source));
     }
-    let (path, source) = last.unwrap_or((
+    let (path, source) = missing.unwrap_or((
         EXEC_ATTR_PATHS[1],
         std::io::Error::from(std::io::ErrorKind::NotFound),
     ));
@@ -108,6 +110,22 @@ pub fn apply_apparmor_on_exec(profile: &str) -> Result<(), LsmError> {
         path,
         source,
     })
+}
+
+/// The error for a failed write of `path`: ENOENT from the write itself
+/// means the kernel has no profile of that name.
+fn apply_error(profile: &str, path: &'static str, source: std::io::Error) -> LsmError {
+    if source.kind() == std::io::ErrorKind::NotFound {
+        LsmError::NotLoaded {
+            profile: profile.to_owned(),
+        }
+    } else {
+        LsmError::Apply {
+            profile: profile.to_owned(),
+            path,
+            source,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -130,6 +148,30 @@ mod tests {
         );
         let err = apparmor_to_apply(Some("berth-default"), false).unwrap_err();
         assert!(err.to_string().contains("no apparmor enabled"), "{err}");
+    }
+
+    #[test]
+    fn enoent_from_the_write_means_the_profile_is_not_loaded() {
+        let err = apply_error(
+            "p1",
+            EXEC_ATTR_PATHS[0],
+            std::io::Error::from_raw_os_error(2),
+        );
+        assert_eq!(
+            err.to_string(),
+            r#"apparmor profile "p1" is not loaded in the kernel (load it with apparmor_parser)"#
+        );
+        let err = apply_error(
+            "p1",
+            EXEC_ATTR_PATHS[0],
+            std::io::Error::from_raw_os_error(1),
+        );
+        assert!(
+            err.to_string().starts_with(
+                r#"apply apparmor profile "p1" (write /proc/thread-self/attr/apparmor/exec): "#
+            ),
+            "{err}"
+        );
     }
 
     #[test]

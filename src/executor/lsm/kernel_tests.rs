@@ -10,13 +10,13 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::Pid;
-use oci_spec::runtime::{LinuxIdMapping, Spec};
+use oci_spec::runtime::{LinuxIdMapping, Process, Spec};
 use serde_json::{Value, json};
 
 use crate::container::apparmor::ensure_default_profile;
@@ -342,4 +342,63 @@ fn apparmor_profile_applies_in_a_user_namespace() {
         // CAP_SYS_ADMIN in its own user namespace would allow a tmpfs.
         assert_eq!(field(&text, "mount"), "denied", "{text}");
     });
+}
+
+/// A profile the kernel does not have: the process must not start, and
+/// the error must name the profile, never run unconfined.
+#[test]
+fn apparmor_profile_not_loaded_fails_create_and_exec_clearly() {
+    isolated(
+        "apparmor_profile_not_loaded_fails_create_and_exec_clearly",
+        || {
+            let missing = "berth-test-no-such-profile";
+            let dir = rootfs();
+            let root: PathBuf = dir.path().join("rootfs");
+            let (_out, stdio) = pipe_stdio();
+            let bad = spec(&root, &["true"], missing);
+            let err = create(CreateOptions {
+                spec: &bad,
+                stdio,
+                cgroup_procs: &[],
+            })
+            .map(|c| c.pid())
+            .unwrap_err()
+            .to_string();
+            println!("create: {err}");
+            assert!(
+                err.contains(&format!("apparmor profile {missing:?} is not loaded")),
+                "{err}"
+            );
+
+            // An exec into an unconfined container, asking for it.
+            let spec = spec(&root, &["sleep", "1000"], "unconfined");
+            let (_out, stdio) = pipe_stdio();
+            let created = create(CreateOptions {
+                spec: &spec,
+                stdio,
+                cgroup_procs: &[],
+            })
+            .unwrap();
+            let pid = created.start().unwrap();
+            let _container = Running(Some(pid));
+            let process: Process = serde_json::from_value(json!({
+                "args": ["true"],
+                "env": ["PATH=/bin"],
+                "cwd": "/",
+                "user": { "uid": 0, "gid": 0 },
+                "apparmorProfile": missing,
+            }))
+            .unwrap();
+            let (_out, stdio) = pipe_stdio();
+            let err = exec(&JoinTarget { pid, spec: &spec }, &process, stdio, &[])
+                .map(|s| s.pid)
+                .unwrap_err()
+                .to_string();
+            println!("exec: {err}");
+            assert!(
+                err.contains(&format!("apparmor profile {missing:?} is not loaded")),
+                "{err}"
+            );
+        },
+    );
 }
