@@ -199,11 +199,14 @@ impl Cgroup {
     }
 
     /// `cgroup.procs` in every hierarchy: a process joins the cgroup by
-    /// having its pid written to each.
+    /// having its pid written to each. The v2 one comes first: the executor
+    /// forks straight into it and then need not probe the others.
     pub fn procs_files(&self) -> Vec<PathBuf> {
-        self.dirs()
+        let mut hierarchies: Vec<&Hierarchy> = self.hierarchies.iter().collect();
+        hierarchies.sort_by_key(|h| h.version != Version::V2);
+        hierarchies
             .into_iter()
-            .map(|d| d.join("cgroup.procs"))
+            .map(|h| self.path.under(&h.mount).join("cgroup.procs"))
             .collect()
     }
 
