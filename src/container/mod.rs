@@ -526,6 +526,99 @@ impl ContainerManager {
         if let Some(dir) = container.log_path.parent() {
             std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
         }
+        let t0 = std::time::Instant::now();
+        let cgroup = match &container.cgroup_path {
+            Some(path) => Some(crate::executor::cgroups::CgroupPath::parse(path)?),
+            None => None,
+        };
+        // The cgroup is made while the rootfs is mounted and the spec built:
+        // it needs only the CRI config. Always awaited before returning, so
+        // that an undo never races it.
+        let making_cgroup = match (&self.cgroups, &cgroup) {
+            (Some(cgroups), Some(path)) => {
+                let resources = spec::cgroup_resources(
+                    &container.id,
+                    &container.config,
+                    &pod.config,
+                    spec::HostInfo::get(),
+                    None,
+                )?;
+                let (cgroups, path) = (cgroups.clone(), path.clone());
+                Some(tokio::task::spawn_blocking(move || {
+                    cgroups.create(&path, Some(&resources))
+                }))
+            }
+            _ => None,
+        };
+        let prepared = self
+            .prepare_rootfs_and_spec(container, pod, image, &bundle, cgroup.as_ref())
+            .await;
+        let made = match making_cgroup {
+            Some(task) => Some(task.await.map_err(|e| ContainerError::Io {
+                op: "make cgroup",
+                path: bundle.clone(),
+                source: std::io::Error::other(e),
+            })??),
+            None => None,
+        };
+        let (t_snapshot, t_spec, t_written, spec_path) = prepared?;
+        let mut procs = Vec::new();
+        let mut oom_file = None;
+        if let Some(made) = made {
+            procs = made.procs_files();
+            oom_file = made
+                .dirs()
+                .into_iter()
+                .flat_map(|d| [d.join("memory.events"), d.join("memory.oom_control")])
+                .find(|f| f.exists());
+        }
+        let t_cgroup = t0.elapsed();
+        let oom_kill_initial = oom_file
+            .as_deref()
+            .and_then(|f| monitor::read_oom_kill_count(f).ok())
+            .unwrap_or(0);
+        let monitor_config = MonitorConfig {
+            container_id: container.id.clone(),
+            bundle: bundle.clone(),
+            spec_path,
+            log_path: container.log_path.clone(),
+            stdin: container.config.stdin,
+            stdin_once: container.config.stdin_once,
+            tty: container.config.tty,
+            cgroup_procs: procs,
+            control_socket: container.control_socket(&self.state_dir),
+            exit_record: container.exit_record(&self.state_dir),
+            pid_file: bundle.join("pid"),
+            oom_kill_file: oom_file,
+            oom_kill_initial,
+            monitor_log: Some(bundle.join("monitor.log")),
+        };
+        container.pid = monitor::spawn(&monitor_config).await?;
+        // Where CreateContainer's time goes, cumulative, for tuning.
+        tracing::debug!(
+            container = %container.id,
+            snapshot_us = t_snapshot.as_micros() as u64,
+            spec_us = t_spec.as_micros() as u64,
+            spec_written_us = t_written.as_micros() as u64,
+            cgroup_us = t_cgroup.as_micros() as u64,
+            monitor_us = t0.elapsed().as_micros() as u64,
+            "container made"
+        );
+        Ok(())
+    }
+
+    /// The rootfs mounted, the user resolved and the spec written: the part
+    /// of `make` that runs while the cgroup is being made. Returns the
+    /// times taken (for the debug log) and the spec's path.
+    async fn prepare_rootfs_and_spec(
+        &self,
+        container: &mut ContainerRecord,
+        pod: &PodRecord,
+        image: &ImageRecord,
+        bundle: &Path,
+        cgroup: Option<&crate::executor::cgroups::CgroupPath>,
+    ) -> Result<(Duration, Duration, Duration, PathBuf), ContainerError> {
+        let t0 = std::time::Instant::now();
         let (snapshots, id, chain_ids) = (
             self.snapshots.clone(),
             container.id.clone(),
@@ -535,7 +628,6 @@ impl ContainerManager {
                 .map(|l| l.chain_id.clone())
                 .collect::<Vec<_>>(),
         );
-        let t0 = std::time::Instant::now();
         let rootfs = blocking(move || snapshots.prepare(&id, &chain_ids))
             .await??
             .target;
@@ -553,10 +645,6 @@ impl ContainerManager {
         container.gid = resolved.gid;
         container.additional_gids = resolved.additional_gids.clone();
 
-        let cgroup = match &container.cgroup_path {
-            Some(path) => Some(crate::executor::cgroups::CgroupPath::parse(path)?),
-            None => None,
-        };
         let volumes_dir = bundle.join("volumes");
         let input = spec::SpecInput {
             container_id: &container.id,
@@ -598,7 +686,7 @@ impl ContainerManager {
         }
         let t_spec = t0.elapsed();
         let spec_path = bundle.join("config.json");
-        let spec_json = serde_json::to_vec_pretty(&spec).map_err(|e| ContainerError::Io {
+        let spec_json = serde_json::to_vec(&spec).map_err(|e| ContainerError::Io {
             op: "encode spec",
             path: spec_path.clone(),
             source: std::io::Error::other(e),
@@ -606,51 +694,7 @@ impl ContainerManager {
         std::fs::write(&spec_path, spec_json).map_err(io_err("write", &spec_path))?;
 
         let t_written = t0.elapsed();
-        let mut procs = Vec::new();
-        let mut oom_file = None;
-        if let (Some(cgroups), Some(path)) = (&self.cgroups, &cgroup) {
-            let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
-            let made = cgroups.create(path, resources.as_ref())?;
-            procs = made.procs_files();
-            oom_file = made
-                .dirs()
-                .into_iter()
-                .flat_map(|d| [d.join("memory.events"), d.join("memory.oom_control")])
-                .find(|f| f.exists());
-        }
-        let t_cgroup = t0.elapsed();
-        let oom_kill_initial = oom_file
-            .as_deref()
-            .and_then(|f| monitor::read_oom_kill_count(f).ok())
-            .unwrap_or(0);
-        let monitor_config = MonitorConfig {
-            container_id: container.id.clone(),
-            bundle: bundle.clone(),
-            spec_path,
-            log_path: container.log_path.clone(),
-            stdin: container.config.stdin,
-            stdin_once: container.config.stdin_once,
-            tty: container.config.tty,
-            cgroup_procs: procs,
-            control_socket: container.control_socket(&self.state_dir),
-            exit_record: container.exit_record(&self.state_dir),
-            pid_file: bundle.join("pid"),
-            oom_kill_file: oom_file,
-            oom_kill_initial,
-            monitor_log: Some(bundle.join("monitor.log")),
-        };
-        container.pid = monitor::spawn(&monitor_config).await?;
-        // Where CreateContainer's time goes, cumulative, for tuning.
-        tracing::debug!(
-            container = %container.id,
-            snapshot_us = t_snapshot.as_micros() as u64,
-            spec_us = t_spec.as_micros() as u64,
-            spec_written_us = t_written.as_micros() as u64,
-            cgroup_us = t_cgroup.as_micros() as u64,
-            monitor_us = t0.elapsed().as_micros() as u64,
-            "container made"
-        );
-        Ok(())
+        Ok((t_snapshot, t_spec, t_written, spec_path))
     }
 
     /// Undoes what a container may have: its process, snapshot, cgroup,

@@ -362,8 +362,14 @@ pub fn build(input: &SpecInput) -> Result<Spec, SpecError> {
 
     let capabilities = capabilities(sc, input.host)?;
     let namespaces = namespaces(input, sc)?;
-    let resources = resources(input, sc)?;
-    let (devices, device_rules) = devices(input, privileged)?;
+    let resources = cgroup_resources(
+        input.container_id,
+        config,
+        input.sandbox,
+        input.host,
+        input.pids_limit,
+    )?;
+    let (devices, _) = devices(config, input.host, privileged)?;
     let seccomp = seccomp(sc, privileged, &capabilities, input.host)?;
     let apparmor = apparmor(sc, privileged, input.host)?;
     let (masked, readonly) = if privileged {
@@ -375,9 +381,6 @@ pub fn build(input: &SpecInput) -> Result<Spec, SpecError> {
         )
     };
     let (mounts, rootfs_propagation) = mounts(input, sc, &namespaces)?;
-
-    let mut resources = resources;
-    resources.set_devices(Some(device_rules));
 
     let mut linux = LinuxBuilder::default()
         .namespaces(namespaces)
@@ -1197,12 +1200,13 @@ pub fn default_device_rules() -> Vec<LinuxDeviceCgroup> {
 /// The CRI `devices` (a host directory adds every device under it) and,
 /// for a privileged container, all of the host's; with their cgroup rules.
 fn devices(
-    input: &SpecInput,
+    config: &ContainerConfig,
+    host: &HostInfo,
     privileged: bool,
 ) -> Result<(Vec<LinuxDevice>, Vec<LinuxDeviceCgroup>), SpecError> {
     let mut devices = Vec::new();
     let mut rules = default_device_rules();
-    for (i, d) in input.config.devices.iter().enumerate() {
+    for (i, d) in config.devices.iter().enumerate() {
         let field = format!("devices[{i}]");
         let permissions = if d.permissions.is_empty() {
             "rwm"
@@ -1243,7 +1247,7 @@ fn devices(
     if privileged {
         devices.extend(host_devices(
             "privileged host devices",
-            &input.host.dev_dir,
+            &host.dev_dir,
             None,
             false,
         )?);
@@ -1352,21 +1356,34 @@ fn device_from_path(path: &Path) -> std::io::Result<Option<LinuxDevice>> {
 
 // -------------------------------------------------------------- resources
 
-/// containerd's `WithResources` plus the pids limit. Zero means unset, as
-/// in the CRI. Memory swap equals the limit when the node can limit swap
-/// and kubelet sent no swap limit (no swapping by default).
-fn resources(
-    input: &SpecInput,
-    _sc: &LinuxContainerSecurityContext,
+/// The spec's `linux.resources`: containerd's `WithResources`, the pids
+/// limit and the device rules. Zero means unset, as in the CRI. Memory swap
+/// equals the limit when the node can limit swap and kubelet sent no swap
+/// limit (no swapping by default). Needs neither the rootfs nor the user,
+/// so that CreateContainer can make the cgroup while the rootfs is mounted.
+pub fn cgroup_resources(
+    container_id: &str,
+    config: &ContainerConfig,
+    sandbox: &PodSandboxConfig,
+    host: &HostInfo,
+    pids_limit: Option<i64>,
 ) -> Result<LinuxResources, SpecError> {
     let default_resources = LinuxContainerResources::default();
-    let r = input
-        .config
+    let r = config
         .linux
         .as_ref()
         .and_then(|l| l.resources.as_ref())
         .unwrap_or(&default_resources);
-    linux_resources(input.container_id, r, input.host, input.pids_limit)
+    let privileged = config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .is_some_and(|sc| sc.privileged)
+        && pod_privileged(sandbox);
+    let mut resources = linux_resources(container_id, r, host, pids_limit)?;
+    let (_, device_rules) = devices(config, host, privileged)?;
+    resources.set_devices(Some(device_rules));
+    Ok(resources)
 }
 
 /// CRI resources as the OCI spec and the cgroup manager take them; also
