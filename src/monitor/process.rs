@@ -92,9 +92,6 @@ fn supervise(config: MonitorConfig, mut report: ResultPipe) -> ExitCode {
         return ExitCode::FAILURE;
     }
     drop(report);
-    // Creation is over: what it used is never needed again (see
-    // footprint); the supervisor does the same once the container started.
-    footprint::release_setup();
     if supervisor.run() {
         ExitCode::SUCCESS
     } else {

@@ -6,7 +6,7 @@
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::wait::WaitStatus;
@@ -25,6 +25,13 @@ use crate::logs::LogWriter;
 
 /// One read of container output; also the largest attach output frame.
 const READ_CHUNK: usize = 32 * 1024;
+
+/// How long after creating or starting the container the monitor gives
+/// back what that took (see `footprint`). Not at once: the daemon is still
+/// answering the request then (committing the container's new state), and
+/// on a small node the release would take the CPU from it. Start usually
+/// follows create within this time, so one release serves both.
+const RELEASE_DELAY: Duration = Duration::from_millis(20);
 
 /// After the container exited, how long to wait for more output on a
 /// stream whose write end someone (an orphaned descendant) still holds.
@@ -48,8 +55,10 @@ pub struct Supervisor {
     /// when the executor reaped the process itself.
     pub(super) exit: Option<WaitStatus>,
     /// Start just released the container: what it took (the executor's
-    /// code, the request's handling) is given back at the top of the loop.
+    /// code, the request's handling) is to be given back.
     pub(super) started_now: bool,
+    /// When to give back what setup or start used, if still to do.
+    release_at: Option<Instant>,
     pub(super) buf: Box<[u8]>,
 }
 
@@ -117,6 +126,7 @@ impl Supervisor {
             start_error: None,
             exit: None,
             started_now: false,
+            release_at: Some(Instant::now() + RELEASE_DELAY),
             buf: vec![0; READ_CHUNK].into_boxed_slice(),
         })
     }
@@ -140,6 +150,10 @@ impl Supervisor {
         while self.exit.is_none() {
             self.poll_once();
             if std::mem::take(&mut self.started_now) {
+                self.release_at = Some(Instant::now() + RELEASE_DELAY);
+            }
+            if self.release_at.is_some_and(|at| Instant::now() >= at) {
+                self.release_at = None;
                 footprint::release_setup();
             }
         }
@@ -176,7 +190,14 @@ impl Supervisor {
             fds.push(PollFd::new(conn.stream.as_fd(), events));
             slots.push(Slot::Conn(i));
         }
-        match poll(&mut fds, PollTimeout::NONE) {
+        // A deadline only while a release is due: otherwise the monitor
+        // sleeps until something happens.
+        let timeout = match self.release_at {
+            Some(at) => PollTimeout::try_from(at.saturating_duration_since(Instant::now()))
+                .unwrap_or(PollTimeout::MAX),
+            None => PollTimeout::NONE,
+        };
+        match poll(&mut fds, timeout) {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => return,
             Err(errno) => {
