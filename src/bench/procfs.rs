@@ -244,6 +244,19 @@ pub fn socket_owner(socket: &Path) -> Option<i32> {
 }
 
 /// The memory of a process now; `None` once it is gone.
+impl ProcMemory {
+    /// Two processes counted as one (under the first one's pid).
+    pub fn plus(&self, other: &ProcMemory) -> ProcMemory {
+        let add = |a: Option<u64>, b: Option<u64>| Some(a? + b?);
+        ProcMemory {
+            pid: self.pid,
+            rss_kib: self.rss_kib + other.rss_kib,
+            pss_kib: add(self.pss_kib, other.pss_kib),
+            private_kib: add(self.private_kib, other.private_kib),
+        }
+    }
+}
+
 pub fn memory(pid: i32) -> Option<ProcMemory> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kib = status_rss_kib(&status)?;
@@ -269,13 +282,20 @@ pub fn exe(pid: i32) -> Option<PathBuf> {
 /// The per-container helpers of a daemon of this flavor, with their memory.
 /// berth's monitors are the daemon's own binary re-executed, so when the
 /// daemon is known (`daemon_exe`) a monitor must run that same file: two
-/// berth daemons side by side never count each other's monitors.
-pub fn helpers(flavor: &Flavor, daemon_exe: Option<&Path>) -> Vec<ProcMemory> {
+/// berth daemons side by side never count each other's monitors. berth's
+/// monitor zygote (see [`zygote_of`]) is the daemon's, not a container's.
+pub fn helpers(
+    flavor: &Flavor,
+    daemon_pid: Option<i32>,
+    daemon_exe: Option<&Path>,
+) -> Vec<ProcMemory> {
     if *flavor == Flavor::Unknown {
         return Vec::new();
     }
+    let zygote = daemon_pid.and_then(zygote_pid);
     pids()
         .into_iter()
+        .filter(|&pid| Some(pid) != zygote)
         .filter(|&pid| cmdline(pid).is_some_and(|c| is_helper(flavor, &c)))
         .filter(|&pid| match (flavor, daemon_exe) {
             (Flavor::Berth { .. }, Some(daemon)) => exe(pid).is_some_and(|e| e == daemon),
@@ -283,6 +303,28 @@ pub fn helpers(flavor: &Flavor, daemon_exe: Option<&Path>) -> Vec<ProcMemory> {
         })
         .filter_map(memory)
         .collect()
+}
+
+/// The parent pid from `/proc/<pid>/stat`.
+fn ppid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// berth's monitor zygote: the daemon's child `monitor --zygote`. The
+/// monitors it forks carry the same command line, but not the daemon as
+/// their parent.
+fn zygote_pid(daemon: i32) -> Option<i32> {
+    pids().into_iter().find(|&pid| {
+        ppid(pid) == Some(daemon)
+            && cmdline(pid).is_some_and(|c| c.iter().any(|a| a == "--zygote"))
+    })
+}
+
+/// The memory of the daemon's monitor zygote, if it has one: per-daemon
+/// memory, reported with the daemon's.
+pub fn zygote_of(daemon: i32) -> Option<ProcMemory> {
+    zygote_pid(daemon).and_then(memory)
 }
 
 #[cfg(test)]
@@ -359,6 +401,27 @@ Num       RefCount Protocol Flags    Type St Inode Path
         );
         assert_eq!(flavor_of(&args("crio"), sock), Flavor::Unknown);
         assert_eq!(flavor_of(&[], sock), Flavor::Unknown);
+    }
+
+    #[test]
+    fn a_daemon_and_its_zygote_add_up() {
+        let daemon = ProcMemory {
+            pid: 10,
+            rss_kib: 4000,
+            pss_kib: Some(2000),
+            private_kib: Some(1500),
+        };
+        let zygote = ProcMemory {
+            pid: 11,
+            rss_kib: 3000,
+            pss_kib: Some(900),
+            private_kib: None,
+        };
+        let both = daemon.plus(&zygote);
+        assert_eq!(both.pid, 10);
+        assert_eq!(both.rss_kib, 7000);
+        assert_eq!(both.pss_kib, Some(2900));
+        assert_eq!(both.private_kib, None, "unknown stays unknown");
     }
 
     #[test]

@@ -192,9 +192,21 @@ impl Target {
 
     /// Daemon and helpers now (no infra: that needs the runtime's answer).
     pub fn snapshot(&self) -> Snapshot {
+        // berth's daemon comes with its monitor zygote: one process more
+        // for the daemon's share, whatever the number of containers.
+        let daemon = self.daemon_pid.and_then(procfs::memory).map(|d| {
+            match self.daemon_pid.and_then(procfs::zygote_of) {
+                Some(z) => d.plus(&z),
+                None => d,
+            }
+        });
         Snapshot {
-            daemon: self.daemon_pid.and_then(procfs::memory),
-            helpers: Group::of(&procfs::helpers(&self.flavor, self.daemon_exe.as_deref())),
+            daemon,
+            helpers: Group::of(&procfs::helpers(
+                &self.flavor,
+                self.daemon_pid,
+                self.daemon_exe.as_deref(),
+            )),
             infra: Group::default(),
         }
     }
