@@ -308,7 +308,12 @@ pub fn helpers(
 /// The parent pid from `/proc/<pid>/stat`.
 fn ppid(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// berth's monitor zygote: the daemon's child `monitor --zygote`. The
@@ -316,8 +321,7 @@ fn ppid(pid: i32) -> Option<i32> {
 /// their parent.
 fn zygote_pid(daemon: i32) -> Option<i32> {
     pids().into_iter().find(|&pid| {
-        ppid(pid) == Some(daemon)
-            && cmdline(pid).is_some_and(|c| c.iter().any(|a| a == "--zygote"))
+        ppid(pid) == Some(daemon) && cmdline(pid).is_some_and(|c| c.iter().any(|a| a == "--zygote"))
     })
 }
 
