@@ -142,6 +142,7 @@ impl TestContainer {
             oom_kill_file: None,
             oom_kill_initial: 0,
             monitor_log: Some(base.join("monitor.log")),
+            cgroup_mounts: None,
         };
         Self {
             config,

@@ -616,7 +616,7 @@ pub struct CgroupBind {
 }
 
 /// A line of `/proc/self/mountinfo`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MountInfo {
     pub root: String,
     pub mount_point: PathBuf,
@@ -666,6 +666,18 @@ pub fn mountinfo() -> Result<Vec<MountInfo>, MountError> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .map(|t| parse_mountinfo(&t))
         .map_err(MountError::MountInfo)
+}
+
+/// The host's cgroup hierarchy mounts among `infos`: what [`cgroup_binds`]
+/// needs of mountinfo, small enough to hand to each container's monitor.
+pub fn cgroup_mounts(infos: Vec<MountInfo>) -> Vec<MountInfo> {
+    infos
+        .into_iter()
+        .filter(|i| {
+            (i.fstype == "cgroup" || i.fstype == "cgroup2")
+                && i.mount_point.starts_with("/sys/fs/cgroup")
+        })
+        .collect()
 }
 
 /// The cgroup hierarchies mounted under `/sys/fs/cgroup` and, for each, the
@@ -913,6 +925,23 @@ mod tests {
             clean_destination(Path::new("data/x")).unwrap(),
             PathBuf::from("/data/x")
         );
+    }
+
+    #[test]
+    fn the_cgroup_mounts_alone_give_the_binds_all_of_mountinfo_gives() {
+        let infos = mountinfo().unwrap();
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let procs = [PathBuf::from("/sys/fs/cgroup/pids/berth/c1/cgroup.procs")];
+        let kept = cgroup_mounts(infos.clone());
+        assert!(kept.iter().all(|i| i.fstype.starts_with("cgroup")));
+        assert!(kept.len() < infos.len());
+        assert_eq!(
+            cgroup_binds(&kept, &own, &procs),
+            cgroup_binds(&infos, &own, &procs)
+        );
+        // What the daemon hands a monitor survives the trip through JSON.
+        let json = serde_json::to_string(&kept).unwrap();
+        assert_eq!(serde_json::from_str::<Vec<MountInfo>>(&json).unwrap(), kept);
     }
 
     #[test]

@@ -105,6 +105,7 @@ impl RootfsPlan {
         spec: &Spec,
         rootfs: &Path,
         cgroup_procs: &[PathBuf],
+        cgroup_mounts: Option<&[mounts::MountInfo]>,
     ) -> Result<RootfsPlan, super::error::ExecutorError> {
         if !rootfs.is_absolute() {
             return Err(RootfsError::NotAbsolute(rootfs.to_owned()).into());
@@ -160,7 +161,15 @@ impl RootfsPlan {
         }
         let cgroups = if plan_mounts.iter().any(|m| m.kind == MountKind::Cgroup) {
             let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-            mounts::cgroup_binds(&mounts::mountinfo()?, &own, cgroup_procs)
+            let read;
+            let infos = match cgroup_mounts {
+                Some(given) => given,
+                None => {
+                    read = mounts::mountinfo()?;
+                    &read
+                }
+            };
+            mounts::cgroup_binds(infos, &own, cgroup_procs)
         } else {
             Vec::new()
         };

@@ -51,6 +51,10 @@ pub struct MonitorConfig {
     /// discarded.
     #[serde(default)]
     pub monitor_log: Option<PathBuf>,
+    /// The host's cgroup mounts, as the daemon read them once; None: the
+    /// executor reads mountinfo itself (see `executor::CreateOptions`).
+    #[serde(default)]
+    pub cgroup_mounts: Option<Vec<crate::executor::mounts::MountInfo>>,
 }
 
 impl MonitorConfig {

@@ -91,6 +91,7 @@ impl Supervisor {
             spec: &spec,
             stdio: executor_stdio,
             cgroup_procs: &config.cgroup_procs,
+            cgroup_mounts: config.cgroup_mounts.as_deref(),
         })
         .map_err(|e| unbind(e.into()))?;
         let pid = created.pid();

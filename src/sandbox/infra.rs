@@ -167,6 +167,8 @@ pub async fn start(
         oom_kill_file: None,
         oom_kill_initial: 0,
         monitor_log: Some(paths.bundle.join("monitor.log")),
+        // The infra process has no cgroup mount.
+        cgroup_mounts: None,
     };
     let pid = crate::monitor::spawn(&config).await?;
     MonitorClient::new(&paths.control_socket).start().await?;

@@ -216,6 +216,7 @@ fn run(spec: &Spec) -> (WaitStatus, String) {
         spec,
         stdio,
         cgroup_procs: &[],
+        cgroup_mounts: None,
     })
     .unwrap();
     let pid = created.start().unwrap();
@@ -327,6 +328,7 @@ fn create_parks_the_process_until_start() {
             spec: &spec,
             stdio,
             cgroup_procs: &[],
+            cgroup_mounts: None,
         })
         .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(300));
@@ -351,6 +353,7 @@ fn dropping_a_created_container_kills_it() {
             spec: &spec,
             stdio,
             cgroup_procs: &[],
+            cgroup_mounts: None,
         })
         .unwrap();
         let pid = created.pid();
@@ -380,6 +383,7 @@ fn missing_binary_fails_start_with_a_precise_error() {
                 spec: &spec,
                 stdio,
                 cgroup_procs: &[],
+                cgroup_mounts: None,
             })
             .unwrap();
             let err = created.start().unwrap_err();
@@ -403,6 +407,7 @@ fn setup_errors_come_back_precise() {
             spec: &spec,
             stdio,
             cgroup_procs: &[],
+            cgroup_mounts: None,
         })
         .unwrap_err();
         assert_eq!(
@@ -466,6 +471,7 @@ fn mount_targets_cannot_escape_the_rootfs() {
             spec: &spec,
             stdio,
             cgroup_procs: &[],
+            cgroup_mounts: None,
         })
         .unwrap_err();
         assert!(
@@ -487,6 +493,7 @@ fn exec_joins_the_container_namespaces() {
             spec: &spec,
             stdio,
             cgroup_procs: &[],
+            cgroup_mounts: None,
         })
         .unwrap();
         let pid = created.start().unwrap();
@@ -552,6 +559,7 @@ fn kill_delivers_sigterm_and_sigkill() {
             spec: &spec,
             stdio,
             cgroup_procs: &[],
+            cgroup_mounts: None,
         })
         .unwrap()
         .start()
@@ -569,6 +577,7 @@ fn kill_delivers_sigterm_and_sigkill() {
             spec: &spec,
             stdio,
             cgroup_procs: &[],
+            cgroup_mounts: None,
         })
         .unwrap()
         .start()
@@ -596,6 +605,7 @@ fn terminal_is_a_pty_inside_the_container() {
             spec: &spec,
             stdio: Stdio::Terminal,
             cgroup_procs: &[],
+            cgroup_mounts: None,
         })
         .unwrap();
         let master = created.take_pty_master().expect("a pty master");
@@ -667,6 +677,7 @@ fn sysctls_oom_score_adj_and_readonly_rootfs() {
             spec: &spec,
             stdio,
             cgroup_procs: &[],
+            cgroup_mounts: None,
         })
         .unwrap_err();
         assert!(err.to_string().contains("not namespaced"), "{err}");
@@ -701,6 +712,7 @@ fn user_namespace_maps_root_to_an_unprivileged_host_uid() {
                 spec: &spec,
                 stdio,
                 cgroup_procs: &[],
+                cgroup_mounts: None,
             })
             .unwrap();
             let host_uid =
@@ -761,6 +773,7 @@ fn cgroup_procs_put_the_container_in_its_cgroup() {
             spec: &spec,
             stdio,
             cgroup_procs: &procs,
+            cgroup_mounts: None,
         })
         .unwrap();
         let pid = created.pid();
@@ -813,6 +826,7 @@ fn the_v2_cgroup_is_joined_at_birth_and_v1_ones_by_the_process_itself() {
                 spec: &spec,
                 stdio,
                 cgroup_procs: &procs,
+                cgroup_mounts: None,
             })
             .unwrap();
             let pid = created.pid();
@@ -892,6 +906,7 @@ fn bench_create_start_wait_true() {
                 spec: &spec,
                 stdio,
                 cgroup_procs: &[],
+                cgroup_mounts: None,
             })
             .unwrap()
             .start()

@@ -181,6 +181,7 @@ fn run_to_exit(spec: &Spec) -> String {
         spec,
         stdio,
         cgroup_procs: &[],
+        cgroup_mounts: None,
     })
     .unwrap();
     let container = Running(Some(created.start().unwrap()));
@@ -230,6 +231,7 @@ fn apparmor_default_profile_confines_the_container_and_its_exec() {
                 spec: &spec,
                 stdio,
                 cgroup_procs: &[],
+                cgroup_mounts: None,
             })
             .unwrap();
             let pid = created.start().unwrap();
@@ -360,6 +362,7 @@ fn apparmor_profile_not_loaded_fails_create_and_exec_clearly() {
                 spec: &bad,
                 stdio,
                 cgroup_procs: &[],
+                cgroup_mounts: None,
             })
             .map(|c| c.pid())
             .unwrap_err()
@@ -377,6 +380,7 @@ fn apparmor_profile_not_loaded_fails_create_and_exec_clearly() {
                 spec: &spec,
                 stdio,
                 cgroup_procs: &[],
+                cgroup_mounts: None,
             })
             .unwrap();
             let pid = created.start().unwrap();
