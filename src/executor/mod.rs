@@ -20,6 +20,8 @@ pub mod seccomp;
 pub mod sync;
 pub mod sysctl;
 pub mod terminal;
+#[cfg(test)]
+pub(crate) mod test_support;
 
 pub(crate) use clone_into::is_cgroup2;
 

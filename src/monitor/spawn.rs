@@ -3,8 +3,8 @@
 //! --config`), and wait (bounded) for the created container's pid or the
 //! precise reason it could not be created.
 
-use std::os::fd::{AsFd, OwnedFd};
-use std::path::Path;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -24,19 +24,13 @@ pub const SPAWN_TIMEOUT: Duration = Duration::from_secs(60);
 /// created and parked. The daemon's zygote forks it (see `zygote`); when the
 /// zygote cannot, this very binary is executed as `berth monitor`.
 pub async fn spawn(config: &MonitorConfig) -> Result<u32, MonitorError> {
-    let config_path = config.save()?;
     let exe = Path::new("/proc/self/exe");
-    let (reader, writer) = result_pipe(exe)?;
-    let log = open_monitor_log(config)?;
-    match super::zygote::request_from_daemon_zygote(&config_path, writer.as_fd(), log.as_fd()) {
-        Ok(()) => {
-            drop((writer, log));
-            let report = read_report(exe, reader, config, &config_path, async { None });
-            finish(config, &config_path, report, SPAWN_TIMEOUT).await
+    match hand_to_zygote(exe, config, super::zygote::request_from_daemon_zygote) {
+        Ok((config_path, reader)) => {
+            await_forked(exe, config, &config_path, reader, SPAWN_TIMEOUT).await
         }
         Err(e) => {
             tracing::warn!(error = %e, "no monitor zygote; executing the monitor");
-            drop((reader, writer, log));
             spawn_with(exe, config, SPAWN_TIMEOUT).await
         }
     }
@@ -49,18 +43,42 @@ pub async fn spawn_with_zygote(
     config: &MonitorConfig,
     timeout: Duration,
 ) -> Result<u32, MonitorError> {
+    let (config_path, reader) = hand_to_zygote(exe, config, |path, result, log| {
+        zygote
+            .request(path, result, log)
+            .map_err(|errno| MonitorError::Sys {
+                op: "hand a monitor to the zygote",
+                errno,
+            })
+    })?;
+    await_forked(exe, config, &config_path, reader, timeout).await
+}
+
+/// Saves `config` and has `request` pass it, the result pipe's write end and
+/// the monitor's log to a zygote. Returns the config's path and the pipe's
+/// read end; `Err` when the zygote did not take the request.
+fn hand_to_zygote(
+    exe: &Path,
+    config: &MonitorConfig,
+    request: impl FnOnce(&Path, BorrowedFd<'_>, BorrowedFd<'_>) -> Result<(), MonitorError>,
+) -> Result<(PathBuf, std::io::PipeReader), MonitorError> {
     let config_path = config.save()?;
     let (reader, writer) = result_pipe(exe)?;
     let log = open_monitor_log(config)?;
-    zygote
-        .request(&config_path, writer.as_fd(), log.as_fd())
-        .map_err(|errno| MonitorError::Sys {
-            op: "hand a monitor to the zygote",
-            errno,
-        })?;
-    drop((writer, log));
-    let report = read_report(exe, reader, config, &config_path, async { None });
-    finish(config, &config_path, report, timeout).await
+    request(&config_path, writer.as_fd(), log.as_fd())?;
+    Ok((config_path, reader))
+}
+
+/// Waits, bounded, for the report of a monitor a zygote forked.
+async fn await_forked(
+    exe: &Path,
+    config: &MonitorConfig,
+    config_path: &Path,
+    reader: std::io::PipeReader,
+    timeout: Duration,
+) -> Result<u32, MonitorError> {
+    let report = read_report(exe, reader, config, config_path, async { None });
+    finish(config, config_path, report, timeout).await
 }
 
 /// Executes `exe monitor --config` for `config` (tests run the monitor from

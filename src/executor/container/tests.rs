@@ -10,153 +10,21 @@
 //! `/proc/self/mountinfo` must show nothing under the temp dir.
 
 use std::io::Read;
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use nix::sys::signal::Signal;
-use nix::sys::wait::{WaitStatus, waitpid};
+use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use oci_spec::runtime::{Process, Spec};
 use serde_json::{Value, json};
 
 use super::{CreateOptions, Stdio, create, kill};
 use crate::executor::exec::{JoinTarget, exec};
-
-const CHILD_ENV: &str = "BERTH_EXECUTOR_TEST";
-const BUSYBOX: &str = "/bin/busybox";
+use crate::executor::test_support::{self, Rootfs, Running, pipe_stdio, read_all};
 
 /// Runs `body` in a single-threaded re-exec of this test binary.
 fn isolated(name: &str, body: impl FnOnce()) {
-    let full = format!(
-        "{}::{name}",
-        module_path!()
-            .split_once("::")
-            .map(|(_, rest)| rest)
-            .unwrap_or(""),
-    );
-    if std::env::var(CHILD_ENV).as_deref() == Ok(full.as_str()) {
-        body();
-        return;
-    }
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped {full}: needs root (namespaces, mounts)");
-        return;
-    }
-    if !Path::new(BUSYBOX).exists() {
-        eprintln!("skipped {full}: needs {BUSYBOX} (Debian package busybox-static)");
-        return;
-    }
-    let exe = std::env::current_exe().expect("test binary path");
-    let out = Command::new(exe)
-        .args([
-            full.as_str(),
-            "--exact",
-            "--include-ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, &full)
-        .output()
-        .expect("re-exec the test binary");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    // Captured by the harness unless --nocapture.
-    print!("{stdout}");
-    assert!(
-        out.status.success(),
-        "{full} failed in its subprocess:\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
-    );
-    assert!(
-        stdout.contains("1 passed"),
-        "{full} did not run in its subprocess:\n{stdout}\n{stderr}"
-    );
-}
-
-/// A busybox rootfs in a temp dir; checks on drop that no mount is left
-/// under it.
-struct Rootfs {
-    dir: tempfile::TempDir,
-}
-
-impl Rootfs {
-    fn new() -> Rootfs {
-        let dir = tempfile::Builder::new()
-            .prefix("berth-exec-test")
-            .tempdir()
-            .unwrap();
-        let root = dir.path().join("rootfs");
-        for d in ["bin", "proc", "sys", "dev", "etc", "tmp", "root"] {
-            std::fs::create_dir_all(root.join(d)).unwrap();
-        }
-        std::fs::set_permissions(
-            root.join("tmp"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o1777),
-        )
-        .unwrap();
-        std::fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
-        for applet in [
-            "sh", "id", "hostname", "cat", "ls", "sleep", "mount", "echo", "true", "mkdir",
-            "touch", "wc", "readlink", "grep", "tty", "stat",
-        ] {
-            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-        }
-        Rootfs { dir }
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.path().join("rootfs")
-    }
-}
-
-impl Drop for Rootfs {
-    fn drop(&mut self) {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let base = self.dir.path().to_string_lossy().into_owned();
-        let leaked: Vec<&str> = mountinfo.lines().filter(|l| l.contains(&base)).collect();
-        if !std::thread::panicking() {
-            assert!(leaked.is_empty(), "mounts left behind: {leaked:#?}");
-        }
-    }
-}
-
-/// Kills and reaps the container on drop (also on panic).
-struct Running(Option<Pid>);
-
-impl Running {
-    fn wait(mut self) -> WaitStatus {
-        let pid = self.0.take().expect("running");
-        waitpid(pid, None).unwrap()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0.take() {
-            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-            let _ = waitpid(pid, None);
-        }
-    }
-}
-
-/// A pipe for the container's stdout and stderr: (read end, stdio).
-fn pipe_stdio() -> (std::fs::File, Stdio) {
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
-    let w2: OwnedFd = w.try_clone().unwrap();
-    (
-        std::fs::File::from(r),
-        Stdio::Pipes {
-            stdin: None,
-            stdout: w,
-            stderr: w2,
-        },
-    )
-}
-
-fn read_all(mut f: std::fs::File) -> String {
-    let mut s = String::new();
-    f.read_to_string(&mut s).unwrap();
-    s
+    test_support::isolated(module_path!(), name, None, body)
 }
 
 /// The spec the tests start from: runc's defaults (all namespaces but
@@ -436,7 +304,7 @@ fn mount_targets_cannot_escape_the_rootfs() {
             root.join("rel"),
         )
         .unwrap();
-        let hosts = rootfs.dir.path().join("hosts");
+        let hosts = rootfs.base().join("hosts");
         std::fs::write(&hosts, "10.0.0.1 berth\n").unwrap();
 
         let mut v = spec(&root, &["sh", "-c", "cat /etc/hosts; ls -a /; echo done"]);

@@ -9,118 +9,28 @@
 //! forks never happen beside another test's threads.
 
 use std::io::{BufRead, BufReader, Read};
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use nix::sys::signal::Signal;
-use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::Pid;
+use nix::sys::wait::WaitStatus;
 use oci_spec::runtime::{LinuxIdMapping, Process, Spec};
 use serde_json::{Value, json};
 
 use crate::container::apparmor::ensure_default_profile;
 use crate::container::exec::exec_process;
 use crate::container::spec::APPARMOR_DEFAULT_PROFILE;
-use crate::executor::{CreateOptions, JoinTarget, Stdio, create, exec, kill};
+use crate::executor::test_support::{self, Rootfs, Running, pipe_stdio};
+use crate::executor::{CreateOptions, JoinTarget, create, exec, kill};
 
-const CHILD_ENV: &str = "BERTH_LSM_TEST";
-const BUSYBOX: &str = "/bin/busybox";
 const PROFILES: &str = "/sys/kernel/security/apparmor/profiles";
 
-/// Runs `body` in a single-threaded re-exec of this test binary, or says
-/// why it cannot run here.
+/// Runs `body` in a single-threaded re-exec of this test binary, where the
+/// kernel has AppArmor.
 fn isolated(name: &str, body: impl FnOnce()) {
-    let full = format!(
-        "{}::{name}",
-        module_path!()
-            .split_once("::")
-            .map(|(_, rest)| rest)
-            .unwrap_or(""),
-    );
-    if std::env::var(CHILD_ENV).as_deref() == Ok(full.as_str()) {
-        body();
-        return;
-    }
-    let skip = if !nix::unistd::geteuid().is_root() {
-        Some("needs root (namespaces, mounts, loading a profile)".to_string())
-    } else if !Path::new(BUSYBOX).exists() {
-        Some(format!("needs {BUSYBOX} (Debian package busybox-static)"))
-    } else if !super::apparmor_enabled() {
-        Some("apparmor is not enabled on this kernel (hack/apparmor-vm.sh boots one)".to_string())
-    } else {
-        None
-    };
-    if let Some(reason) = skip {
-        eprintln!("skipped {full}: {reason}");
-        return;
-    }
-    let exe = std::env::current_exe().expect("test binary path");
-    let out = Command::new(exe)
-        .args([full.as_str(), "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, &full)
-        .output()
-        .expect("re-exec the test binary");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    print!("{stdout}");
-    assert!(
-        out.status.success(),
-        "{full} failed in its subprocess:\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
-    );
-    assert!(
-        stdout.contains("1 passed"),
-        "{full} did not run in its subprocess:\n{stdout}\n{stderr}"
-    );
-}
-
-/// A busybox rootfs in a temp dir.
-fn rootfs() -> tempfile::TempDir {
-    let dir = tempfile::Builder::new()
-        .prefix("berth-lsm-test")
-        .tempdir()
-        .unwrap();
-    let root = dir.path().join("rootfs");
-    for d in ["bin", "proc", "sys", "dev", "tmp", "mnt"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "cat", "echo", "mount", "sleep", "true"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    dir
-}
-
-/// Kills and reaps the process on drop (also on panic).
-struct Running(Option<Pid>);
-
-impl Running {
-    fn wait(mut self) -> WaitStatus {
-        waitpid(self.0.take().expect("running"), None).unwrap()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0.take() {
-            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-            let _ = waitpid(pid, None);
-        }
-    }
-}
-
-/// A pipe for stdout and stderr: (read end, stdio).
-fn pipe_stdio() -> (std::fs::File, Stdio) {
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
-    let w2: OwnedFd = w.try_clone().unwrap();
-    (
-        std::fs::File::from(r),
-        Stdio::Pipes {
-            stdin: None,
-            stdout: w,
-            stderr: w2,
-        },
-    )
+    let skip = (!super::apparmor_enabled()).then(|| {
+        "apparmor is not enabled on this kernel (hack/apparmor-vm.sh boots one)".to_string()
+    });
+    test_support::isolated(module_path!(), name, skip, body)
 }
 
 /// What the confined shell reports: its label both ways, then whether a
@@ -219,10 +129,10 @@ fn apparmor_default_profile_confines_the_container_and_its_exec() {
                 "{loaded}"
             );
 
-            let dir = rootfs();
+            let dir = Rootfs::new();
             let script = format!("{PROBE}; exec sleep 1000");
             let spec = spec(
-                &dir.path().join("rootfs"),
+                &dir.path(),
                 &["sh", "-c", &script],
                 APPARMOR_DEFAULT_PROFILE,
             );
@@ -298,12 +208,8 @@ fn apparmor_unconfined_container_may_do_what_the_profile_denies() {
     isolated(
         "apparmor_unconfined_container_may_do_what_the_profile_denies",
         || {
-            let dir = rootfs();
-            let spec = spec(
-                &dir.path().join("rootfs"),
-                &["sh", "-c", PROBE],
-                "unconfined",
-            );
+            let dir = Rootfs::new();
+            let spec = spec(&dir.path(), &["sh", "-c", PROBE], "unconfined");
             let text = run_to_exit(&spec);
             println!("unconfined container:\n{text}");
             assert_eq!(field(&text, "current"), "unconfined", "{text}");
@@ -319,12 +225,8 @@ fn apparmor_unconfined_container_may_do_what_the_profile_denies() {
 fn apparmor_profile_applies_in_a_user_namespace() {
     isolated("apparmor_profile_applies_in_a_user_namespace", || {
         ensure_default_profile(APPARMOR_DEFAULT_PROFILE, Path::new(PROFILES)).unwrap();
-        let dir = rootfs();
-        let mut spec = spec(
-            &dir.path().join("rootfs"),
-            &["sh", "-c", PROBE],
-            APPARMOR_DEFAULT_PROFILE,
-        );
+        let dir = Rootfs::new();
+        let mut spec = spec(&dir.path(), &["sh", "-c", PROBE], APPARMOR_DEFAULT_PROFILE);
         let mapping: Vec<LinuxIdMapping> = serde_json::from_value(json!([
             { "containerID": 0, "hostID": 100000, "size": 65536 }
         ]))
@@ -354,8 +256,8 @@ fn apparmor_profile_not_loaded_fails_create_and_exec_clearly() {
         "apparmor_profile_not_loaded_fails_create_and_exec_clearly",
         || {
             let missing = "berth-test-no-such-profile";
-            let dir = rootfs();
-            let root: PathBuf = dir.path().join("rootfs");
+            let dir = Rootfs::new();
+            let root: PathBuf = dir.path();
             let (_out, stdio) = pipe_stdio();
             let bad = spec(&root, &["true"], missing);
             let err = create(CreateOptions {
