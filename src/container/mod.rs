@@ -12,7 +12,7 @@ pub mod user;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_cri::v1::ContainerConfig;
@@ -202,20 +202,6 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ContainerError::Task(e.to_string()))
-}
-
-/// The host's cgroup mounts, read once per daemon: every monitor would
-/// otherwise read all of mountinfo for them (see `executor::CreateOptions`).
-/// None when mountinfo cannot be read; the monitor then tries itself.
-fn host_cgroup_mounts() -> Option<Vec<crate::executor::mounts::MountInfo>> {
-    static MOUNTS: OnceLock<Option<Vec<crate::executor::mounts::MountInfo>>> = OnceLock::new();
-    MOUNTS
-        .get_or_init(|| {
-            crate::executor::mounts::mountinfo()
-                .ok()
-                .map(crate::executor::mounts::cgroup_mounts)
-        })
-        .clone()
 }
 
 fn io_err<'a>(
@@ -606,7 +592,8 @@ impl ContainerManager {
             oom_kill_file: oom_file,
             oom_kill_initial,
             monitor_log: Some(bundle.join("monitor.log")),
-            cgroup_mounts: host_cgroup_mounts(),
+            // Read with the layout when the daemon started.
+            cgroup_mounts: self.cgroups.as_ref().map(|c| c.layout().mounts.clone()),
         };
         container.pid = monitor::spawn(&monitor_config).await?;
         // Where CreateContainer's time goes, cumulative, for tuning.

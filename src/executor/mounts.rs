@@ -624,22 +624,27 @@ pub struct MountInfo {
     pub super_options: String,
 }
 
-fn unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
-        {
-            out.push(v as char);
-            i += 4;
-            continue;
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut rest = field;
+    while let Some(pos) = rest.find('\\') {
+        out.push_str(&rest[..pos]);
+        let code = rest
+            .get(pos + 1..pos + 4)
+            .and_then(|oct| u8::from_str_radix(oct, 8).ok());
+        match code {
+            Some(byte) => {
+                out.push(char::from(byte));
+                rest = &rest[pos + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[pos + 1..];
+            }
         }
-        out.push(b[i] as char);
-        i += 1;
     }
+    out.push_str(rest);
     out
 }
 
@@ -925,6 +930,15 @@ mod tests {
             clean_destination(Path::new("data/x")).unwrap(),
             PathBuf::from("/data/x")
         );
+    }
+
+    #[test]
+    fn escaped_mount_points_are_decoded() {
+        assert_eq!(unescape("/a\\040b"), "/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape("/bad\\9"), "/bad\\9");
+        assert_eq!(unescape("/end\\040"), "/end ");
+        assert_eq!(unescape("/caf\u{e9}"), "/caf\u{e9}");
     }
 
     #[test]

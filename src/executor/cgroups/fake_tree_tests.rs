@@ -89,6 +89,7 @@ pub(crate) fn hybrid() -> Fake {
             v1,
             v2_mount: Some(root.join("unified")),
             v2_controllers: vec!["hugetlb".to_string()],
+            mounts: Vec::new(),
         },
         root,
         _dir: dir,
@@ -404,6 +405,7 @@ pub(crate) fn unified() -> Fake {
             v1: BTreeMap::new(),
             v2_mount: Some(root.join("cgroup")),
             v2_controllers: controllers.split_whitespace().map(str::to_string).collect(),
+            mounts: Vec::new(),
         },
         root,
         _dir: dir,
@@ -747,6 +749,7 @@ fn delete_is_idempotent_and_recursive() {
             .collect(),
         v2_mount: None,
         v2_controllers: vec![],
+        mounts: Vec::new(),
     };
     for c in layout.v1.values() {
         put(c, &[]);

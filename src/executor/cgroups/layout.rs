@@ -9,6 +9,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::executor::mounts::{MountInfo, cgroup_mounts, parse_mountinfo};
+
 /// The controllers a Kubernetes node needs for resource limits and stats.
 pub const REQUIRED_CONTROLLERS: &[&str] = &["cpu", "cpuacct", "memory", "pids"];
 
@@ -42,6 +44,10 @@ pub struct CgroupLayout {
     pub v2_mount: Option<PathBuf>,
     /// Controllers enabled at the v2 root (`cgroup.controllers`).
     pub v2_controllers: Vec<String>,
+    /// The hierarchies' mounts under `/sys/fs/cgroup` as mountinfo shows
+    /// them: what a container's `/sys/fs/cgroup` is made from, handed to
+    /// each monitor so that none reads all of mountinfo.
+    pub mounts: Vec<MountInfo>,
 }
 
 impl CgroupLayout {
@@ -60,34 +66,22 @@ impl CgroupLayout {
         mountinfo: &str,
         controllers_of: impl Fn(&Path) -> Option<String>,
     ) -> Option<CgroupLayout> {
+        let infos = parse_mountinfo(mountinfo);
         let mut v1 = BTreeMap::new();
         let mut v2_mount: Option<PathBuf> = None;
-        for line in mountinfo.lines() {
-            let Some((pre, post)) = line.split_once(" - ") else {
-                continue;
-            };
-            let mount_point = match pre.split(' ').nth(4) {
-                Some(m) => PathBuf::from(unescape(m)),
-                None => continue,
-            };
-            let mut post = post.split(' ');
-            let (Some(fstype), Some(_source), Some(super_opts)) =
-                (post.next(), post.next(), post.next())
-            else {
-                continue;
-            };
-            match fstype {
+        for info in &infos {
+            match info.fstype.as_str() {
                 "cgroup" => {
-                    for opt in super_opts.split(',') {
+                    for opt in info.super_options.split(',') {
                         if is_controller_option(opt) {
                             // The first mount of a hierarchy is the canonical
                             // one; bind mounts of it come later.
                             v1.entry(opt.to_string())
-                                .or_insert_with(|| mount_point.clone());
+                                .or_insert_with(|| info.mount_point.clone());
                         }
                     }
                 }
-                "cgroup2" if v2_mount.is_none() => v2_mount = Some(mount_point),
+                "cgroup2" if v2_mount.is_none() => v2_mount = Some(info.mount_point.clone()),
                 _ => {}
             }
         }
@@ -107,6 +101,7 @@ impl CgroupLayout {
             v1,
             v2_mount,
             v2_controllers,
+            mounts: cgroup_mounts(infos),
         })
     }
 
@@ -135,30 +130,6 @@ fn is_controller_option(opt: &str) -> bool {
         opt,
         "rw" | "ro" | "noprefix" | "clone_children" | "xattr" | ""
     ) && !opt.contains('=')
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape(field: &str) -> String {
-    let mut out = String::with_capacity(field.len());
-    let mut rest = field;
-    while let Some(pos) = rest.find('\\') {
-        out.push_str(&rest[..pos]);
-        let code = rest
-            .get(pos + 1..pos + 4)
-            .and_then(|oct| u8::from_str_radix(oct, 8).ok());
-        match code {
-            Some(byte) => {
-                out.push(char::from(byte));
-                rest = &rest[pos + 4..];
-            }
-            None => {
-                out.push('\\');
-                rest = &rest[pos + 1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 #[cfg(test)]
@@ -199,6 +170,14 @@ mod tests {
             Some(Path::new("/sys/fs/cgroup/net_cls,net_prio"))
         );
         assert!(!layout.v1.contains_key("name=systemd") && !layout.v1.contains_key("xattr"));
+        // What monitors get: the cgroup mounts, not sysfs or the tmpfs.
+        assert!(layout.mounts.iter().all(|m| m.fstype.starts_with("cgroup")));
+        assert!(
+            layout
+                .mounts
+                .iter()
+                .any(|m| m.mount_point == Path::new("/sys/fs/cgroup/unified"))
+        );
         assert_eq!(
             layout.v2_mount.as_deref(),
             Some(Path::new("/sys/fs/cgroup/unified"))
@@ -228,12 +207,5 @@ mod tests {
     fn no_cgroups_mounted_is_none() {
         let mountinfo = "25 30 0:23 / /sys rw - sysfs sysfs rw\n";
         assert_eq!(CgroupLayout::from_mountinfo(mountinfo, |_| None), None);
-    }
-
-    #[test]
-    fn escaped_mount_points_are_decoded() {
-        assert_eq!(unescape("/a\\040b"), "/a b");
-        assert_eq!(unescape("/plain"), "/plain");
-        assert_eq!(unescape("/bad\\9"), "/bad\\9");
     }
 }
