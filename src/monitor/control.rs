@@ -275,7 +275,7 @@ impl Supervisor {
         match created.start() {
             Ok(_) => {
                 self.started_at = now_ns();
-                self.started_now = true;
+                self.release_later();
                 Response {
                     error: String::new(),
                     status: Some(self.status()),

@@ -54,10 +54,8 @@ pub struct Supervisor {
     /// The container's end: its wait status, or the one `start` sets
     /// when the executor reaped the process itself.
     pub(super) exit: Option<WaitStatus>,
-    /// Start just released the container: what it took (the executor's
-    /// code, the request's handling) is to be given back.
-    pub(super) started_now: bool,
-    /// When to give back what setup or start used, if still to do.
+    /// When to give back what setup or start used (the executor's code,
+    /// the request's handling), if still to do.
     release_at: Option<Instant>,
     pub(super) buf: Box<[u8]>,
 }
@@ -126,10 +124,14 @@ impl Supervisor {
             started_at: 0,
             start_error: None,
             exit: None,
-            started_now: false,
             release_at: Some(Instant::now() + RELEASE_DELAY),
             buf: vec![0; READ_CHUNK].into_boxed_slice(),
         })
+    }
+
+    /// Has what start used given back after [`RELEASE_DELAY`].
+    pub(super) fn release_later(&mut self) {
+        self.release_at = Some(Instant::now() + RELEASE_DELAY);
     }
 
     pub fn pid(&self) -> Pid {
@@ -150,9 +152,6 @@ impl Supervisor {
         self.exit = child_reaper::reap_all(self.pid);
         while self.exit.is_none() {
             self.poll_once();
-            if std::mem::take(&mut self.started_now) {
-                self.release_at = Some(Instant::now() + RELEASE_DELAY);
-            }
             if self.release_at.is_some_and(|at| Instant::now() >= at) {
                 self.release_at = None;
                 footprint::release_setup();

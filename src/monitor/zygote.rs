@@ -142,17 +142,18 @@ pub(super) fn request_from_daemon_zygote(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     for _ in 0..2 {
-        if slot.is_none() {
-            *slot = Some(Zygote::start(Path::new("/proc/self/exe"))?);
-        }
-        let Some(zygote) = slot.as_ref() else {
-            continue;
+        let zygote = match slot.take() {
+            Some(zygote) => zygote,
+            None => Zygote::start(Path::new("/proc/self/exe"))?,
         };
         match zygote.request(config_path, result, stderr) {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                *slot = Some(zygote);
+                return Ok(());
+            }
+            // Dropping it reaps it.
             Err(errno) => {
-                tracing::warn!(pid = zygote.pid(), %errno, "monitor zygote gone; starting another");
-                *slot = None;
+                tracing::warn!(pid = zygote.pid(), %errno, "monitor zygote gone; starting another")
             }
         }
     }
