@@ -1251,9 +1251,14 @@ fn devices(
             None,
             false,
         )?);
-        rules = vec![rule(true, None, None, None, "rwm")];
+        rules = privileged_device_rules();
     }
     Ok((devices, rules))
+}
+
+/// A privileged container may use every device.
+fn privileged_device_rules() -> Vec<LinuxDeviceCgroup> {
+    vec![rule(true, None, None, None, "rwm")]
 }
 
 /// containerd's `getDevices`: a device node, or every node under a
@@ -1381,7 +1386,13 @@ pub fn cgroup_resources(
         .is_some_and(|sc| sc.privileged)
         && pod_privileged(sandbox);
     let mut resources = linux_resources(container_id, r, host, pids_limit)?;
-    let (_, device_rules) = devices(config, host, privileged)?;
+    // A privileged container's rule is "all devices": no need to walk the
+    // host's /dev for it here (build does, for the device nodes).
+    let device_rules = if privileged {
+        privileged_device_rules()
+    } else {
+        devices(config, host, false)?.1
+    };
     resources.set_devices(Some(device_rules));
     Ok(resources)
 }
