@@ -46,6 +46,23 @@ fn daemon_with(extra_config: &str) -> TestDaemon {
     })
 }
 
+/// A daemon whose `auth_file` (an auth.json in the returned temp dir) holds
+/// `entry` for `registry`.
+fn daemon_with_auth_file(
+    registry: &FakeRegistry,
+    entry: serde_json::Value,
+) -> (TestDaemon, tempfile::TempDir) {
+    let config_dir = tempfile::tempdir().expect("tempdir");
+    let auth_file = config_dir.path().join("auth.json");
+    let auths = serde_json::json!({ "auths": { registry.address.clone(): entry } });
+    std::fs::write(&auth_file, auths.to_string()).expect("write auth.json");
+    let daemon = daemon_with(&format!(
+        "auth_file = {}\n",
+        toml::Value::String(auth_file.display().to_string())
+    ));
+    (daemon, config_dir)
+}
+
 fn daemon() -> TestDaemon {
     daemon_with("")
 }
@@ -745,20 +762,14 @@ async fn pull_with_wrong_identity_token_fails_without_repeating_it() {
 #[tokio::test]
 async fn pull_with_identity_token_from_the_auth_file() {
     let registry = FakeRegistry::start().await;
-    let config_dir = tempfile::tempdir().expect("tempdir");
-    let auth_file = config_dir.path().join("auth.json");
     // What `docker login` writes for a token service: the identity token
     // beside an `auth` of "<user>:" without a password.
     let user_only =
         base64::engine::general_purpose::STANDARD.encode("00000000-0000-0000-0000-000000000000:");
-    let auths = serde_json::json!({
-        "auths": { registry.address.clone(): { "auth": user_only, "identitytoken": IDENTITY_TOKEN } }
-    });
-    std::fs::write(&auth_file, auths.to_string()).expect("write auth.json");
-    let daemon = daemon_with(&format!(
-        "auth_file = {}\n",
-        toml::Value::String(auth_file.display().to_string())
-    ));
+    let (daemon, _config_dir) = daemon_with_auth_file(
+        &registry,
+        serde_json::json!({ "auth": user_only, "identitytoken": IDENTITY_TOKEN }),
+    );
     let image = Image::new(vec![Layer::gzip(&tar_of(&[("secret", b"s")]))]);
     let published = image.publish(&registry, "team/private", "2");
     registry.require_token(identity_token_policy());
@@ -873,15 +884,9 @@ async fn pull_with_username_and_password_posts_the_oauth2_password_grant() {
 #[tokio::test]
 async fn pull_with_password_from_the_auth_file() {
     let registry = FakeRegistry::start().await;
-    let config_dir = tempfile::tempdir().expect("tempdir");
-    let auth_file = config_dir.path().join("auth.json");
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USERNAME}:{PASSWORD}"));
-    let auths = serde_json::json!({ "auths": { registry.address.clone(): { "auth": auth } } });
-    std::fs::write(&auth_file, auths.to_string()).expect("write auth.json");
-    let daemon = daemon_with(&format!(
-        "auth_file = {}\n",
-        toml::Value::String(auth_file.display().to_string())
-    ));
+    let (daemon, _config_dir) =
+        daemon_with_auth_file(&registry, serde_json::json!({ "auth": auth }));
     let image = Image::new(vec![Layer::gzip(&tar_of(&[("secret", b"s")]))]);
     let published = image.publish(&registry, "team/private", "3");
     registry.require_token(password_policy());
