@@ -9,6 +9,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
+use nix::sched::CloneFlags;
 use nix::unistd::{ForkResult, Pid};
 
 /// From `linux/sched.h`; libc's constant is an `i32` that cannot hold it.
@@ -81,12 +82,29 @@ pub(crate) fn is_cgroup2(dir: &Path) -> bool {
 /// and end in `_exit` or `execve`.
 #[allow(unsafe_code)]
 pub(crate) unsafe fn fork_into(dir: &OwnedFd) -> Result<ForkResult, Errno> {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { clone3(Some(dir), CloneFlags::empty()) }
+}
+
+/// `fork_into` with namespace flags (`CLONE_NEWPID`): the child is born in
+/// the cgroup `dir`, when given, and in the new namespaces. `Err(ENOSYS)` or
+/// `E2BIG` mean a kernel without `clone3`; `EINVAL` also one without
+/// `CLONE_INTO_CGROUP`.
+///
+/// # Safety
+///
+/// As for [`fork_into`].
+#[allow(unsafe_code)]
+pub(crate) unsafe fn clone3(dir: Option<&OwnedFd>, flags: CloneFlags) -> Result<ForkResult, Errno> {
     let mut args = CloneArgs {
-        flags: CLONE_INTO_CGROUP,
+        flags: flags.bits() as u64,
         exit_signal: libc::SIGCHLD as u64,
-        cgroup: dir.as_raw_fd() as u64,
         ..CloneArgs::default()
     };
+    if let Some(dir) = dir {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = dir.as_raw_fd() as u64;
+    }
     // SAFETY: `args` is a valid, initialised clone_args of the size passed;
     // without CLONE_VM and without a stack the child runs on a copy of this
     // process's memory like after fork(), which the caller's contract allows.

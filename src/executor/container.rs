@@ -223,9 +223,16 @@ impl Drop for Created {
 pub fn create(opts: CreateOptions<'_>) -> Result<Created, ExecutorError> {
     let plan = InitPlan::for_create(opts.spec, opts.cgroup_procs, opts.cgroup_mounts)?;
     let stdio = opts.stdio;
-    let launched = launch(&plan, opts.cgroup_procs, true, &mut |sock| {
-        run_init(&plan, &stdio, sock)
-    })?;
+    let mut init = |sock: &SyncSocket| run_init(&plan, &stdio, sock);
+    let direct = if plan.namespaces.needs_intermediate() {
+        None
+    } else {
+        launch_direct(&plan, opts.cgroup_procs, &mut init)?
+    };
+    let launched = match direct {
+        Some(launched) => launched,
+        None => launch(&plan, opts.cgroup_procs, true, &mut init)?,
+    };
     Ok(Created {
         pid: launched.pid,
         sock: Some(launched.sock),
@@ -334,7 +341,6 @@ pub(crate) fn launch(
     };
     drop(child);
     let mut guard = ReapGuard(vec![mid]);
-
     // Phase 1: the intermediate is in its user namespace; put it in the
     // cgroups (its children inherit them) and write its id maps.
     match parent.recv()? {
@@ -358,7 +364,6 @@ pub(crate) fn launch(
     }
     plan.namespaces.write_id_maps(mid)?;
     parent.send(&Message::Go)?;
-
     // Phase 2: collect the container's pid, its pty, and "created" (or,
     // for exec, end-of-file), in whatever order the two processes send them.
     let mut pid = None;
@@ -410,6 +415,83 @@ pub(crate) fn launch(
         sock: parent,
         pty_master,
     })
+}
+
+/// Clones the container process straight from the caller, with
+/// `CLONE_NEWPID` and, on cgroup v2, born in its cgroup: for a container
+/// that neither makes nor joins a user namespace and joins no pid or time
+/// namespace (those apply to children only, or need id maps written from
+/// outside), nothing needs the intermediate process. The child joins the
+/// rest itself. Saves a fork and a round trip per create. `None` when the
+/// kernel has no `clone3`; the caller then takes the intermediate's way.
+fn launch_direct(
+    plan: &InitPlan,
+    cgroup_procs: &[PathBuf],
+    child_main: &mut dyn FnMut(&SyncSocket) -> Result<Infallible, ExecutorError>,
+) -> Result<Option<Launched>, ExecutorError> {
+    let (parent, child) = SyncSocket::pair()?;
+    parent.set_timeout(SETUP_TIMEOUT)?;
+    let (v2_dir, v1_procs) = clone_into::split_v2(cgroup_procs);
+    let new_pid = plan.namespaces.new & CloneFlags::CLONE_NEWPID;
+    // SAFETY: as for the fork in `launch`: a single-threaded caller, and a
+    // child that only makes system calls, allocates and ends in `_exit` or
+    // `execve`.
+    #[allow(unsafe_code)]
+    let forked = unsafe { clone_into::clone3(v2_dir.as_ref(), new_pid) };
+    drop(v2_dir);
+    let pid = match forked {
+        Err(errno) if clone_into::unsupported(errno) => return Ok(None),
+        Err(errno) => return Err(ExecutorError::Fork(errno)),
+        Ok(ForkResult::Child) => {
+            drop(parent);
+            let err = match join_cgroups(&v1_procs)
+                .and_then(|()| enter_namespaces(plan, new_pid))
+                .and_then(|()| child_main(&child))
+            {
+                Err(e) => e,
+                Ok(never) => match never {},
+            };
+            let _ = child.send(&Message::Error(err.to_string()));
+            exit_now(1);
+        }
+        Ok(ForkResult::Parent { child }) => child,
+    };
+    drop(child);
+    let mut guard = ReapGuard(vec![pid]);
+    let mut pty_master = None;
+    loop {
+        match parent.recv()? {
+            Some((Message::Pty, fd)) => pty_master = fd,
+            Some((Message::Created, _)) => break,
+            Some((Message::Error(text), _)) => return Err(ExecutorError::Child(text)),
+            Some((other, _)) => {
+                return Err(SyncError::Unexpected {
+                    expected: "pty, created or error",
+                    got: other.name(),
+                }
+                .into());
+            }
+            None => {
+                guard.0.clear();
+                return Err(ExecutorError::ChildDied(describe(reap(pid))));
+            }
+        }
+    }
+    guard.0.clear();
+    Ok(Some(Launched {
+        pid,
+        sock: parent,
+        pty_master,
+    }))
+}
+
+/// In the directly cloned container process: what the intermediate does
+/// for it otherwise, less the user namespace and what `clone3` did.
+fn enter_namespaces(plan: &InitPlan, cloned: CloneFlags) -> Result<(), ExecutorError> {
+    plan.process.apply_oom_score_adj()?;
+    plan.namespaces.join_all()?;
+    plan.namespaces.unshare_rest_except(cloned)?;
+    Ok(())
 }
 
 /// Moves the calling (single-threaded) process into the cgroups whose
@@ -471,7 +553,6 @@ fn intermediate(
         setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)).map_err(root_err("uid"))?;
     }
     ns.unshare_rest()?;
-
     let mut stack = vec![0u8; STACK_SIZE];
     let callback = Box::new(|| {
         let err = match child_main(sock) {

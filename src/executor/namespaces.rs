@@ -210,6 +210,23 @@ impl NamespacePlan {
         Ok(plan)
     }
 
+    /// Whether the container process must be a child of a process that
+    /// entered its namespaces first: a user namespace (made, with id maps
+    /// written from outside, or joined), or a joined pid or a new time
+    /// namespace, which apply to children only.
+    pub fn needs_intermediate(&self) -> bool {
+        self.new_user
+            || self
+                .new
+                .contains(CloneFlags::from_bits_retain(libc::CLONE_NEWTIME))
+            || self.join.iter().any(|j| {
+                matches!(
+                    j.kind,
+                    LinuxNamespaceType::User | LinuxNamespaceType::Pid | LinuxNamespaceType::Time
+                )
+            })
+    }
+
     pub fn creates(&self, flag: CloneFlags) -> bool {
         self.new.contains(flag)
     }
@@ -245,6 +262,16 @@ impl NamespacePlan {
     }
 
     /// Parent side: writes the id maps of the new user namespace of `pid`.
+    /// The new namespaces but `already`: those a clone made (see
+    /// `container::launch_direct`).
+    pub fn unshare_rest_except(&self, already: CloneFlags) -> Result<(), NamespaceError> {
+        let rest = self.new - already;
+        if !rest.is_empty() {
+            unshare_flags(rest)?;
+        }
+        Ok(())
+    }
+
     pub fn write_id_maps(&self, pid: Pid) -> Result<(), NamespaceError> {
         if !self.new_user {
             return Ok(());
@@ -286,4 +313,59 @@ fn flag_names(flags: CloneFlags) -> String {
         names.push("time");
     }
     names.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oci_spec::runtime::{LinuxBuilder, LinuxIdMappingBuilder, LinuxNamespaceBuilder};
+
+    fn plan(namespaces: &[(LinuxNamespaceType, Option<&str>)]) -> NamespacePlan {
+        let map = LinuxIdMappingBuilder::default()
+            .container_id(0u32)
+            .host_id(100_000u32)
+            .size(65_536u32)
+            .build()
+            .unwrap();
+        let linux = LinuxBuilder::default()
+            .namespaces(
+                namespaces
+                    .iter()
+                    .map(|(kind, path)| {
+                        let b = LinuxNamespaceBuilder::default().typ(*kind);
+                        match path {
+                            Some(p) => b.path(*p),
+                            None => b,
+                        }
+                        .build()
+                        .unwrap()
+                    })
+                    .collect::<Vec<_>>(),
+            )
+            .uid_mappings(vec![map])
+            .gid_mappings(vec![map])
+            .build()
+            .unwrap();
+        NamespacePlan::for_create(Some(&linux)).unwrap()
+    }
+
+    #[test]
+    fn only_user_joined_pid_and_time_namespaces_need_the_intermediate_process() {
+        use LinuxNamespaceType::*;
+        let own = [(Pid, None), (Mount, None), (Uts, None), (Ipc, None)];
+        assert!(!plan(&own).needs_intermediate());
+        // A kubelet pod's container: the pod's network, ipc and uts joined.
+        let pod = [
+            (Pid, None),
+            (Mount, None),
+            (Network, Some("/proc/self/ns/net")),
+            (Ipc, Some("/proc/self/ns/ipc")),
+            (Uts, Some("/proc/self/ns/uts")),
+        ];
+        assert!(!plan(&pod).needs_intermediate());
+        assert!(plan(&[(Mount, None), (User, None)]).needs_intermediate());
+        assert!(plan(&[(Mount, None), (User, Some("/proc/self/ns/user"))]).needs_intermediate());
+        assert!(plan(&[(Mount, None), (Pid, Some("/proc/self/ns/pid"))]).needs_intermediate());
+        assert!(plan(&[(Mount, None), (Time, None)]).needs_intermediate());
+    }
 }
