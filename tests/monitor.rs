@@ -894,17 +894,49 @@ async fn monitors_forked_by_the_zygote_outlive_it() {
         assert!(start.elapsed() < WAIT, "the ended monitor was not reaped");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // A spare monitor waits for the next request, forked ahead of it.
+    let start = Instant::now();
+    let spare = loop {
+        if let Some(pid) = spares_of(zygote_pid).first() {
+            break *pid;
+        }
+        assert!(start.elapsed() < WAIT, "the zygote forked no spare monitor");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     drop(zygote);
     assert!(
         Proc::of(zygote_pid).is_none_or(|p| !p.alive()),
         "the zygote outlived its daemon's end"
     );
+    let start = Instant::now();
+    while Proc::of(spare).is_some_and(|p| p.alive()) {
+        assert!(start.elapsed() < WAIT, "the spare outlived its zygote");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let monitor = long.monitor.expect("monitor");
     assert!(monitor.alive(), "monitor died with the zygote");
     assert!(long.container.expect("container").alive());
     assert_ne!(monitor.parent().map(|p| p.pid), Some(zygote_pid));
     let status = long.client().status().await.expect("status");
     assert_eq!(status.state(), State::Running);
+}
+
+/// The zygote's children waiting as spares (`berth-spare`).
+fn spares_of(zygote: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            ppid == Some(zygote) && comm.trim_end() == "berth-spare"
+        })
+        .collect()
 }
 
 #[tokio::test]

@@ -9,6 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::monitor::SPARE_NAME;
+
 use serde::Serialize;
 
 /// `__SO_ACCEPTCON` in the Flags column of `/proc/net/unix`: a listening socket.
@@ -283,7 +285,8 @@ pub fn exe(pid: i32) -> Option<PathBuf> {
 /// berth's monitors are the daemon's own binary re-executed, so when the
 /// daemon is known (`daemon_exe`) a monitor must run that same file: two
 /// berth daemons side by side never count each other's monitors. berth's
-/// monitor zygote (see [`zygote_of`]) is the daemon's, not a container's.
+/// monitor zygote and its spare (see [`zygote_of`]) are the daemon's, not
+/// a container's.
 pub fn helpers(
     flavor: &Flavor,
     daemon_pid: Option<i32>,
@@ -293,9 +296,10 @@ pub fn helpers(
         return Vec::new();
     }
     let zygote = daemon_pid.and_then(zygote_pid);
+    let spares = zygote.map(spare_pids).unwrap_or_default();
     pids()
         .into_iter()
-        .filter(|&pid| Some(pid) != zygote)
+        .filter(|&pid| Some(pid) != zygote && !spares.contains(&pid))
         .filter(|&pid| cmdline(pid).is_some_and(|c| is_helper(flavor, &c)))
         .filter(|&pid| match (flavor, daemon_exe) {
             (Flavor::Berth { .. }, Some(daemon)) => exe(pid).is_some_and(|e| e == daemon),
@@ -325,10 +329,35 @@ fn zygote_pid(daemon: i32) -> Option<i32> {
     })
 }
 
-/// The memory of the daemon's monitor zygote, if it has one: per-daemon
-/// memory, reported with the daemon's.
+/// The zygote's spare monitor (see `monitor::zygote`): its child that
+/// waits under the name `berth-spare` for the next container.
+fn spare_pids(zygote: i32) -> Vec<i32> {
+    pids()
+        .into_iter()
+        .filter(|&pid| {
+            ppid(pid) == Some(zygote)
+                && comm(pid).is_some_and(|c| c.as_bytes() == SPARE_NAME.to_bytes())
+        })
+        .collect()
+}
+
+/// The short name from `/proc/<pid>/comm`.
+fn comm(pid: i32) -> Option<String> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(comm.trim_end().to_string())
+}
+
+/// The memory of the daemon's monitor zygote and its spare monitor, if it
+/// has them: per-daemon memory, reported with the daemon's.
 pub fn zygote_of(daemon: i32) -> Option<ProcMemory> {
-    zygote_pid(daemon).and_then(memory)
+    let zygote = zygote_pid(daemon)?;
+    let mut total = memory(zygote)?;
+    for spare in spare_pids(zygote) {
+        if let Some(m) = memory(spare) {
+            total = total.plus(&m);
+        }
+    }
+    Some(total)
 }
 
 #[cfg(test)]

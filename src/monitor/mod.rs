@@ -42,7 +42,7 @@ pub use exit_watcher::{ExitWatcher, list_exit_records};
 pub use process::{run, run_forked};
 pub use proto::{State, StatusReply};
 pub use spawn::{SPAWN_TIMEOUT, spawn, spawn_with, spawn_with_zygote};
-pub use zygote::{Zygote, serve as serve_zygote};
+pub use zygote::{SPARE_NAME, Zygote, serve as serve_zygote};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
