@@ -1363,6 +1363,8 @@ async fn containers_outlive_a_daemon_killed_with_sigkill_and_exits_are_recorded_
         .await;
     let survivor_pid = rig.pid(&survivor).await;
     let dies_pid = rig.pid(&dies).await;
+    let parked_pid = rig.pid(&parked).await;
+    assert!(parked_pid > 0);
 
     rig.kill_daemon();
     // One container ends while no daemon is there to see it.
@@ -1383,10 +1385,12 @@ async fn containers_outlive_a_daemon_killed_with_sigkill_and_exits_are_recorded_
     let status = rig.wait_exited(&dies).await;
     assert_eq!(status.exit_code, 137, "{status:?}");
     // A container created before the crash can still be started after it.
+    // Its pid, not saved with its record, is found in its bundle.
     assert_eq!(
         rig.status(&parked).await.state,
         ContainerState::ContainerCreated as i32
     );
+    assert_eq!(rig.pid(&parked).await, parked_pid);
     rig.start_container(&parked).await;
     rig.exec_ok(&parked, &["true"]).await;
 
@@ -1437,6 +1441,59 @@ async fn a_torn_exit_record_after_a_crash_makes_the_container_unknown_not_the_da
     );
     assert!(status.message.contains("exit record"), "{status:?}");
     rig.remove(&torn).await;
+
+    rig.finish().await;
+}
+
+/// CreateContainer saves its record once, while the monitor sets the
+/// container up; a daemon that dies before the save leaves a bundle, a
+/// snapshot, a cgroup and a parked process with no record. The next daemon
+/// finds and undoes them.
+#[tokio::test]
+async fn a_create_the_daemon_died_in_is_undone_at_restart() {
+    let Some(mut rig) = Rig::start().await else {
+        return;
+    };
+    let busybox = rig.pull("busybox").await;
+    let pod = rig.pod("orphan").await;
+    let orphan = rig
+        .create(&pod, container("orphan", &busybox, SLEEPER))
+        .await;
+    let pid = rig.pid(&orphan).await;
+    let cgroup = rig.cgroup(&orphan).await;
+    let bundle = rig.daemon.state.join("containers").join(&orphan);
+    let snapshot = rig.daemon.root.join("containers").join(&orphan);
+    assert!(bundle.is_dir() && snapshot.is_dir());
+    assert!(!cgroup_dirs(&cgroup).is_empty());
+
+    rig.kill_daemon();
+    // As if the daemon had died before the record was saved.
+    let store = berth::store::Store::open(&rig.daemon.root).expect("open the store");
+    assert!(
+        store
+            .delete(berth::store::Kind::Container, &orphan)
+            .expect("delete the record")
+    );
+    drop(store);
+    rig.restart_daemon().await;
+
+    assert!(wait_gone(pid).await, "the parked process was left running");
+    assert!(!bundle.exists(), "bundle left: {}", bundle.display());
+    assert!(!snapshot.exists(), "snapshot left: {}", snapshot.display());
+    assert_eq!(cgroup_dirs(&cgroup), Vec::<PathBuf>::new());
+    let listed = rig
+        .client
+        .list_containers(ListContainersRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .containers;
+    assert!(listed.iter().all(|c| c.id != orphan), "{listed:?}");
+    // Its name is free again.
+    let again = rig
+        .create(&pod, container("orphan", &busybox, SLEEPER))
+        .await;
+    assert_ne!(again, orphan);
 
     rig.finish().await;
 }

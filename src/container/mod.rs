@@ -33,6 +33,9 @@ use crate::store::{Cached, Kind, Store, StoreError};
 /// How long a stop waits for a SIGKILLed process to be reported gone.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 const MAX_NAME_BYTES: usize = 253;
+/// A file in the bundle naming the container's cgroup, written before the
+/// cgroup is made, so that a create the daemon died in can be undone.
+const CGROUP_MARKER: &str = "cgroup";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
@@ -150,6 +153,32 @@ impl ContainerRecord {
         )
     }
 
+    /// What teardown needs of a container the daemon has no record of.
+    fn orphan(id: &str, bundle: PathBuf, cgroup_path: Option<String>) -> ContainerRecord {
+        ContainerRecord {
+            id: id.to_string(),
+            pod_id: String::new(),
+            config: ContainerConfig::default(),
+            image_id: String::new(),
+            image_ref: String::new(),
+            state: ContainerState::Creating,
+            created_at: 0,
+            started_at: 0,
+            finished_at: 0,
+            exit_code: 0,
+            reason: String::new(),
+            message: String::new(),
+            pid: 0,
+            bundle,
+            log_path: PathBuf::new(),
+            cgroup_path,
+            stop_signal: String::new(),
+            uid: 0,
+            gid: 0,
+            additional_gids: Vec::new(),
+        }
+    }
+
     pub fn control_socket(&self, state: &Path) -> PathBuf {
         // Kept short: a unix socket path has 108 bytes.
         state.join("s").join(&self.id)
@@ -174,6 +203,28 @@ pub struct ContainerManager {
     /// cumulative usage into nano-cores as cadvisor does.
     cpu_samples: std::sync::Mutex<HashMap<String, (i64, u64)>>,
     events: crate::events::Events,
+    /// Creates under way: their names are reserved here, not in the store,
+    /// until their records are saved.
+    creating: std::sync::Mutex<Vec<InFlight>>,
+}
+
+/// A create under way (see [`ContainerManager::reserve_name`]).
+struct InFlight {
+    id: String,
+    pod_id: String,
+    name_key: String,
+}
+
+/// A name reserved by [`ContainerManager::reserve_name`]; released on drop.
+struct Reservation<'a> {
+    manager: &'a ContainerManager,
+    id: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.manager.in_flight().retain(|c| c.id != self.id);
+    }
 }
 
 struct ExecTarget {
@@ -240,26 +291,16 @@ impl ContainerManager {
             exits,
             cpu_samples: std::sync::Mutex::new(HashMap::new()),
             events: crate::events::Events::default(),
+            creating: std::sync::Mutex::new(Vec::new()),
         }))
     }
 
     /// Starts watching exit records and brings the records up to date with
-    /// what happened while the daemon was down. Call once, in the runtime.
+    /// what happened while the daemon was down. Call once, in the runtime,
+    /// before serving.
     pub async fn start(self: &Arc<Self>) -> Result<(), ContainerError> {
         let mut watcher = ExitWatcher::new(&self.state_dir.join("exits"))?;
-        for container in self.all().await? {
-            match container.state {
-                ContainerState::Creating => {
-                    tracing::warn!(container = %container.id, "undoing a container whose creation was interrupted");
-                    self.teardown(&container).await?;
-                    self.delete_record(&container.id).await?;
-                }
-                ContainerState::Created | ContainerState::Running => {
-                    self.reconcile(&container.id).await?
-                }
-                ContainerState::Exited | ContainerState::Unknown => {}
-            }
-        }
+        // Watching first: undoing what a create left behind waits for exits.
         let this = self.clone();
         tokio::spawn(async move {
             loop {
@@ -286,7 +327,59 @@ impl ContainerManager {
                 }
             }
         });
+        let all = self.all().await?;
+        for container in &all {
+            match container.state {
+                // Written by versions that saved a reservation first.
+                ContainerState::Creating => {
+                    tracing::warn!(container = %container.id, "undoing a container whose creation was interrupted");
+                    self.teardown(container).await?;
+                    self.delete_record(&container.id).await?;
+                }
+                ContainerState::Created | ContainerState::Running => {
+                    self.reconcile(&container.id).await?
+                }
+                ContainerState::Exited | ContainerState::Unknown => {}
+            }
+        }
+        let known: std::collections::HashSet<&str> = all.iter().map(|c| c.id.as_str()).collect();
+        for id in self.leftover_ids(&known)? {
+            tracing::warn!(container = %id, "undoing a create the daemon did not finish");
+            let cgroup_path = std::fs::read_to_string(self.bundle(&id).join(CGROUP_MARKER)).ok();
+            let orphan = ContainerRecord::orphan(&id, self.bundle(&id), cgroup_path);
+            self.teardown(&orphan).await?;
+        }
         Ok(())
+    }
+
+    fn bundle(&self, id: &str) -> PathBuf {
+        self.state_dir.join("containers").join(id)
+    }
+
+    /// Ids with a bundle or a snapshot but no record: creates the daemon
+    /// died in, between making the first thing and saving the record.
+    fn leftover_ids(
+        &self,
+        known: &std::collections::HashSet<&str>,
+    ) -> Result<std::collections::BTreeSet<String>, ContainerError> {
+        let bundles = self.state_dir.join("containers");
+        let mut ids = std::collections::BTreeSet::new();
+        for dir in [bundles.as_path(), self.snapshots.dir()] {
+            let entries = match std::fs::read_dir(dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("read", dir)(e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(io_err("read", dir))?;
+                if let Some(id) = entry.file_name().to_str()
+                    && !known.contains(id)
+                {
+                    ids.insert(id.to_string());
+                }
+            }
+        }
+        Ok(ids)
     }
 
     /// After a restart: an exit record means the container ended; a live
@@ -314,7 +407,21 @@ impl ContainerManager {
             container.state = ContainerState::Unknown;
             container.reason = "Unknown".into();
             container.message = "the container's monitor is gone and left no exit record".into();
-            self.put(&container).await?;
+            return self.put(&container).await;
+        }
+        if container.pid == 0 {
+            // Saved while the monitor was still setting it up (see `make`).
+            let pid_file = container.bundle.join("pid");
+            match std::fs::read_to_string(&pid_file).map(|p| p.trim().parse::<u32>()) {
+                Ok(Ok(pid)) => {
+                    let mut container = container;
+                    container.pid = pid;
+                    self.put(&container).await?;
+                }
+                other => {
+                    tracing::warn!(container = %id, "no pid in {}: {other:?}", pid_file.display())
+                }
+            }
         }
         Ok(())
     }
@@ -421,7 +528,6 @@ impl ContainerManager {
             .resolve(&image_name)
             .await?
             .ok_or_else(|| ContainerError::ImageNotFound(image_name.clone()))?;
-
         let id = crate::ids::new_id().map_err(|source| ContainerError::Io {
             op: "read",
             path: PathBuf::from("/dev/urandom"),
@@ -462,12 +568,12 @@ impl ContainerManager {
             additional_gids: Vec::new(),
             config,
         };
-        self.reserve_name(&container, &pod).await?;
+        // The id is new: nobody else can hold its lock. A RemovePodSandbox
+        // that finds the create in flight waits for this lock (`for_pod`).
         let _lock = self.locks.lock(&id).await;
+        let _reservation = self.reserve_name(&container, &pod).await?;
         match self.make(&mut container, &pod, &image).await {
             Ok(()) => {
-                container.state = ContainerState::Created;
-                self.put(&container).await?;
                 self.events.publish(
                     &container.id,
                     &container.pod_id,
@@ -487,18 +593,42 @@ impl ContainerManager {
         }
     }
 
+    /// Reserves the container's name until the create ends: in memory,
+    /// not in the store, so that a create saves its record once (see
+    /// `make`). The reservation goes in before the records are checked, so
+    /// a create of the same name finishing meanwhile is seen in one or the
+    /// other: it leaves the in-flight list only once its record is in.
     async fn reserve_name(
         &self,
         container: &ContainerRecord,
         pod: &PodRecord,
-    ) -> Result<(), ContainerError> {
-        // Checked and written under the records' write lock: two creates
-        // of one name cannot both pass.
-        let mut records = self.records.write().await?;
+    ) -> Result<Reservation<'_>, ContainerError> {
         let key = container.name_key(pod);
-        let taken = records
-            .records()
-            .values()
+        {
+            let mut creating = self.in_flight();
+            if let Some(other) = creating
+                .iter()
+                .find(|c| c.pod_id == pod.id && c.name_key == key)
+            {
+                return Err(ContainerError::NameTaken {
+                    name: key,
+                    id: other.id.clone(),
+                });
+            }
+            creating.push(InFlight {
+                id: container.id.clone(),
+                pod_id: pod.id.clone(),
+                name_key: key.clone(),
+            });
+        }
+        let reservation = Reservation {
+            manager: self,
+            id: container.id.clone(),
+        };
+        let taken = self
+            .all()
+            .await?
+            .into_iter()
             .filter(|other| other.pod_id == pod.id)
             .find(|other| other.name_key(pod) == key);
         if let Some(other) = taken {
@@ -507,7 +637,22 @@ impl ContainerManager {
                 id: other.id.clone(),
             });
         }
-        Ok(records.put(&container.id, container).await?)
+        Ok(reservation)
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, Vec<InFlight>> {
+        self.creating.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The containers clients see: every record but those of creates still
+    /// under way.
+    pub async fn listed(&self) -> Result<Vec<Arc<ContainerRecord>>, ContainerError> {
+        let mut all = self.all().await?;
+        let creating = self.in_flight();
+        if !creating.is_empty() {
+            all.retain(|c| !creating.iter().any(|f| f.id == c.id));
+        }
+        Ok(all)
     }
 
     /// The steps of CreateContainer; `container` records what was made so
@@ -528,7 +673,11 @@ impl ContainerManager {
         }
         let t0 = std::time::Instant::now();
         let cgroup = match &container.cgroup_path {
-            Some(path) => Some(crate::executor::cgroups::CgroupPath::parse(path)?),
+            Some(path) => {
+                let marker = bundle.join(CGROUP_MARKER);
+                std::fs::write(&marker, path).map_err(io_err("write", &marker))?;
+                Some(crate::executor::cgroups::CgroupPath::parse(path)?)
+            }
             None => None,
         };
         // The cgroup is made while the rootfs is mounted and the spec built:
@@ -544,9 +693,19 @@ impl ContainerManager {
                     None,
                 )?;
                 let (cgroups, path) = (cgroups.clone(), path.clone());
-                Some(tokio::task::spawn_blocking(move || {
-                    cgroups.create(&path, Some(&resources))
-                }))
+                // A thread of its own, not the blocking pool: the scheduler
+                // places a new thread on an idle CPU, where a pool thread
+                // woken by this worker was seen to take the worker's CPU and
+                // hold it for the whole cgroup (~0.7 ms of mkdirs on a v1
+                // host), which made the two halves run one after the other.
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                std::thread::Builder::new()
+                    .name("berth-cgroup".into())
+                    .spawn(move || {
+                        let _ = tx.send(cgroups.create(&path, Some(&resources)));
+                    })
+                    .map_err(io_err("start a thread for", &bundle))?;
+                Some(rx)
             }
             _ => None,
         };
@@ -595,7 +754,19 @@ impl ContainerManager {
             // Read with the layout when the daemon started.
             cgroup_mounts: self.cgroups.as_ref().map(|c| c.layout().mounts.clone()),
         };
-        container.pid = monitor::spawn(&monitor_config).await?;
+        // The record is saved once, while the monitor sets the container
+        // up: the commit's fsync is off the critical path. A daemon that
+        // dies before both are done leaves a bundle and no record, which
+        // `start` undoes.
+        container.state = ContainerState::Created;
+        let (spawned, saved) = tokio::join!(monitor::spawn(&monitor_config), self.put(container));
+        container.pid = spawned?;
+        saved?;
+        // The pid is not saved: the monitor writes it to the bundle, where
+        // `reconcile` finds it after a restart; StartContainer saves it.
+        self.records
+            .update_in_memory(&container.id, container)
+            .await;
         // Where CreateContainer's time goes, cumulative, for tuning.
         tracing::debug!(
             container = %container.id,
@@ -630,19 +801,21 @@ impl ContainerManager {
                 .map(|l| l.chain_id.clone())
                 .collect::<Vec<_>>(),
         );
-        let rootfs = blocking(move || snapshots.prepare(&id, &chain_ids))
-            .await??
-            .target;
-
-        let t_snapshot = t0.elapsed();
         let security = container
             .config
             .linux
             .as_ref()
             .and_then(|l| l.security_context.clone());
-        let (image_user, user_rootfs) = (image.config.config.user.clone(), rootfs.clone());
-        let resolved =
-            blocking(move || user::resolve(&user_rootfs, &image_user, security.as_ref())).await??;
+        let image_user = image.config.config.user.clone();
+        // One trip to the blocking pool: each costs a thread wake-up both
+        // ways, and CreateContainer is on the pod start path.
+        let (rootfs, resolved) = blocking(move || -> Result<_, ContainerError> {
+            let rootfs = snapshots.prepare(&id, &chain_ids)?.target;
+            let resolved = user::resolve(&rootfs, &image_user, security.as_ref())?;
+            Ok((rootfs, resolved))
+        })
+        .await??;
+        let t_snapshot = t0.elapsed();
         container.uid = resolved.uid;
         container.gid = resolved.gid;
         container.additional_gids = resolved.additional_gids.clone();
@@ -706,7 +879,7 @@ impl ContainerManager {
             container.state,
             ContainerState::Created | ContainerState::Running | ContainerState::Creating
         );
-        if running && container.pid != 0 {
+        if running {
             self.kill_and_wait(container, Signal::SIGKILL, KILL_WAIT)
                 .await;
         }
@@ -880,6 +1053,17 @@ impl ContainerManager {
     /// Removes every container of a pod (RemovePodSandbox) or stops them
     /// (StopPodSandbox, with `remove` false).
     pub async fn for_pod(&self, pod_id: &str, remove: bool) -> Result<(), ContainerError> {
+        // A create in flight holds its id's lock until it has saved its
+        // record or undone itself.
+        let in_flight: Vec<String> = self
+            .in_flight()
+            .iter()
+            .filter(|c| c.pod_id == pod_id)
+            .map(|c| c.id.clone())
+            .collect();
+        for id in in_flight {
+            drop(self.locks.lock(&id).await);
+        }
         for container in self.all().await?.into_iter().filter(|c| c.pod_id == pod_id) {
             if remove {
                 self.remove(&container.id).await?;

@@ -73,6 +73,11 @@ impl Snapshots {
         Ok(self.dir.join(id))
     }
 
+    /// Where the containers' writable layers are, one directory per id.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Creates the container's writable layer over the image's layers
     /// (`chain_ids` bottom first, as images list them) and mounts it.
     /// Blocking.

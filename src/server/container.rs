@@ -94,10 +94,9 @@ pub async fn list(
 ) -> Result<Vec<Container>, crate::container::ContainerError> {
     let filter = filter.unwrap_or_default();
     Ok(manager
-        .all()
+        .listed()
         .await?
         .iter()
-        .filter(|c| c.state != State::Creating)
         .filter(|c| filter.id.is_empty() || c.id.starts_with(&filter.id))
         .filter(|c| {
             filter.pod_sandbox_id.is_empty() || c.pod_id.starts_with(&filter.pod_sandbox_id)

@@ -475,7 +475,7 @@ async fn event_response(daemon: &Daemon, event: crate::events::Event) -> Contain
         Ok(pod) => sandbox::status(&pod, false).ok().and_then(|r| r.status),
         Err(_) => None,
     };
-    let containers_statuses = match daemon.containers.all().await {
+    let containers_statuses = match daemon.containers.listed().await {
         Ok(all) => all
             .iter()
             .filter(|c| c.pod_id == event.pod_id)

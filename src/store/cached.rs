@@ -77,6 +77,17 @@ where
         self.write().await?.delete(key).await
     }
 
+    /// Replaces the copy in memory of a record that exists, without a
+    /// commit: for a field that is found again after a restart (a
+    /// container's pid, which its monitor also writes to the bundle).
+    pub async fn update_in_memory(&self, key: &str, value: &T) {
+        if let Some(records) = self.records.write().await.as_mut()
+            && let Some(record) = records.get_mut(key)
+        {
+            *record = Arc::new(value.clone());
+        }
+    }
+
     /// Exclusive access: read the records and write some, with nobody
     /// writing in between (a name reservation checks and writes this way).
     pub async fn write(&self) -> Result<CachedWrite<'_, T>, StoreError> {
