@@ -153,8 +153,10 @@ impl ContainerRecord {
         )
     }
 
-    /// What teardown needs of a container the daemon has no record of.
-    fn orphan(id: &str, bundle: PathBuf, cgroup_path: Option<String>) -> ContainerRecord {
+    /// A record of only what teardown needs (and state `Creating`): the
+    /// start of every record, and all the daemon knows of a container whose
+    /// create it died in.
+    fn bare(id: &str, bundle: PathBuf, cgroup_path: Option<String>) -> ContainerRecord {
         ContainerRecord {
             id: id.to_string(),
             pod_id: String::new(),
@@ -346,7 +348,7 @@ impl ContainerManager {
         for id in self.leftover_ids(&known)? {
             tracing::warn!(container = %id, "undoing a create the daemon did not finish");
             let cgroup_path = std::fs::read_to_string(self.bundle(&id).join(CGROUP_MARKER)).ok();
-            let orphan = ContainerRecord::orphan(&id, self.bundle(&id), cgroup_path);
+            let orphan = ContainerRecord::bare(&id, self.bundle(&id), cgroup_path);
             self.teardown(&orphan).await?;
         }
         Ok(())
@@ -543,7 +545,6 @@ impl ContainerManager {
             None => None,
         };
         let mut container = ContainerRecord {
-            id: id.clone(),
             pod_id: pod.id.clone(),
             image_id: image.id.to_string(),
             image_ref: image
@@ -551,22 +552,11 @@ impl ContainerManager {
                 .first()
                 .cloned()
                 .unwrap_or_else(|| image.id.to_string()),
-            state: ContainerState::Creating,
             created_at: now_ns(),
-            started_at: 0,
-            finished_at: 0,
-            exit_code: 0,
-            reason: String::new(),
-            message: String::new(),
-            pid: 0,
-            bundle,
             log_path,
-            cgroup_path: cgroup_path.as_ref().map(ToString::to_string),
             stop_signal: spec::stop_signal(&image.config),
-            uid: 0,
-            gid: 0,
-            additional_gids: Vec::new(),
             config,
+            ..ContainerRecord::bare(&id, bundle, cgroup_path.as_ref().map(ToString::to_string))
         };
         // The id is new: nobody else can hold its lock. A RemovePodSandbox
         // that finds the create in flight waits for this lock (`for_pod`).
