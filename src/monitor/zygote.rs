@@ -212,8 +212,10 @@ pub fn serve() -> Result<Option<Forked>, MonitorError> {
         .map_err(MonitorError::sys("open signalfd for SIGCHLD"))?;
     // A monitor forked ahead of time, waiting for its request: the fork
     // and the new process's first steps are then off the create's path.
+    // The first one only after a quiet spell: the daemon starts the zygote
+    // for a request that is on its way.
     let mut spare: Option<OwnedFd> = None;
-    let mut spare_due = Some(Instant::now());
+    let mut spare_due = Some(Instant::now() + SPARE_DELAY);
     loop {
         if spare.is_none() && spare_due.is_some_and(|due| due <= Instant::now()) {
             spare_due = None;
