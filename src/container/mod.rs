@@ -354,8 +354,13 @@ impl ContainerManager {
         Ok(())
     }
 
+    /// Where the containers' bundles are, one directory per id.
+    fn bundles_dir(&self) -> PathBuf {
+        self.state_dir.join("containers")
+    }
+
     fn bundle(&self, id: &str) -> PathBuf {
-        self.state_dir.join("containers").join(id)
+        self.bundles_dir().join(id)
     }
 
     /// Ids with a bundle or a snapshot but no record: creates the daemon
@@ -364,7 +369,7 @@ impl ContainerManager {
         &self,
         known: &std::collections::HashSet<&str>,
     ) -> Result<std::collections::BTreeSet<String>, ContainerError> {
-        let bundles = self.state_dir.join("containers");
+        let bundles = self.bundles_dir();
         let mut ids = std::collections::BTreeSet::new();
         for dir in [bundles.as_path(), self.snapshots.dir()] {
             let entries = match std::fs::read_dir(dir) {
@@ -530,12 +535,13 @@ impl ContainerManager {
             .resolve(&image_name)
             .await?
             .ok_or_else(|| ContainerError::ImageNotFound(image_name.clone()))?;
+
         let id = crate::ids::new_id().map_err(|source| ContainerError::Io {
             op: "read",
             path: PathBuf::from("/dev/urandom"),
             source,
         })?;
-        let bundle = self.state_dir.join("containers").join(&id);
+        let bundle = self.bundle(&id);
         let log_path = log_path(&pod, &config, &bundle)?;
         // Known before anything exists, and saved with the reservation, so
         // that undoing an interrupted create finds the cgroup without a
@@ -710,7 +716,7 @@ impl ContainerManager {
             })??),
             None => None,
         };
-        let (t_snapshot, t_spec, t_written, spec_path) = prepared?;
+        let (t_rootfs, t_spec, t_written, spec_path) = prepared?;
         let mut procs = Vec::new();
         let mut oom_file = None;
         if let Some(made) = made {
@@ -760,7 +766,7 @@ impl ContainerManager {
         // Where CreateContainer's time goes, cumulative, for tuning.
         tracing::debug!(
             container = %container.id,
-            snapshot_us = t_snapshot.as_micros() as u64,
+            rootfs_and_user_us = t_rootfs.as_micros() as u64,
             spec_us = t_spec.as_micros() as u64,
             spec_written_us = t_written.as_micros() as u64,
             cgroup_us = t_cgroup.as_micros() as u64,
@@ -805,7 +811,7 @@ impl ContainerManager {
             Ok((rootfs, resolved))
         })
         .await??;
-        let t_snapshot = t0.elapsed();
+        let t_rootfs = t0.elapsed();
         container.uid = resolved.uid;
         container.gid = resolved.gid;
         container.additional_gids = resolved.additional_gids.clone();
@@ -859,7 +865,7 @@ impl ContainerManager {
         std::fs::write(&spec_path, spec_json).map_err(io_err("write", &spec_path))?;
 
         let t_written = t0.elapsed();
-        Ok((t_snapshot, t_spec, t_written, spec_path))
+        Ok((t_rootfs, t_spec, t_written, spec_path))
     }
 
     /// Undoes what a container may have: its process, snapshot, cgroup,

@@ -341,6 +341,7 @@ pub(crate) fn launch(
     };
     drop(child);
     let mut guard = ReapGuard(vec![mid]);
+
     // Phase 1: the intermediate is in its user namespace; put it in the
     // cgroups (its children inherit them) and write its id maps.
     match parent.recv()? {
@@ -364,6 +365,7 @@ pub(crate) fn launch(
     }
     plan.namespaces.write_id_maps(mid)?;
     parent.send(&Message::Go)?;
+
     // Phase 2: collect the container's pid, its pty, and "created" (or,
     // for exec, end-of-file), in whatever order the two processes send them.
     let mut pid = None;
@@ -553,6 +555,7 @@ fn intermediate(
         setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)).map_err(root_err("uid"))?;
     }
     ns.unshare_rest()?;
+
     let mut stack = vec![0u8; STACK_SIZE];
     let callback = Box::new(|| {
         let err = match child_main(sock) {

@@ -261,7 +261,6 @@ impl NamespacePlan {
         Ok(())
     }
 
-    /// Parent side: writes the id maps of the new user namespace of `pid`.
     /// The new namespaces but `already`: those a clone made (see
     /// `container::launch_direct`).
     pub fn unshare_rest_except(&self, already: CloneFlags) -> Result<(), NamespaceError> {
@@ -272,6 +271,7 @@ impl NamespacePlan {
         Ok(())
     }
 
+    /// Parent side: writes the id maps of the new user namespace of `pid`.
     pub fn write_id_maps(&self, pid: Pid) -> Result<(), NamespaceError> {
         if !self.new_user {
             return Ok(());
