@@ -33,6 +33,15 @@ workdir=$(mktemp -d /tmp/berth-test.XXXXXX)
 cleanup() {
     hack/registry.sh stop "$workdir/registry" >/dev/null 2>&1 || true
     rm -rf "$workdir"
+    # The tests' daemons put pods without a cgroup parent under berth's
+    # default one, `/berth`, which a daemon leaves standing. Removed only
+    # when empty: a pod cgroup a test leaked keeps it, and shows.
+    local dir
+    for dir in /sys/fs/cgroup/berth /sys/fs/cgroup/*/berth; do
+        if [[ -d "$dir" ]]; then
+            rmdir "$dir" 2>/dev/null || true
+        fi
+    done
 }
 trap cleanup EXIT
 
