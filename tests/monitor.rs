@@ -894,15 +894,21 @@ async fn monitors_forked_by_the_zygote_outlive_it() {
         assert!(start.elapsed() < WAIT, "the ended monitor was not reaped");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // A spare monitor waits for the next request, forked ahead of it.
-    let start = Instant::now();
-    let spare = loop {
-        if let Some(pid) = spares_of(zygote_pid).first() {
-            break *pid;
-        }
-        assert!(start.elapsed() < WAIT, "the zygote forked no spare monitor");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    // A spare monitor waits for the next request, forked ahead of it, and
+    // goes on as the monitor of that request.
+    let first_spare = wait_for_spare(zygote_pid, None).await;
+    let mut handed = TestContainer::new("c-zygote-spare", &["sleep", "1000"]);
+    let pid = spawn_with_zygote(&zygote, Path::new(MONITOR), &handed.config, WAIT)
+        .await
+        .expect("spawn through the spare");
+    handed.adopt(pid);
+    let handed_monitor = handed.monitor_pid();
+    assert_eq!(handed_monitor, first_spare, "the spare took the request");
+    for monitor in [handed_monitor, long.monitor_pid()] {
+        assert_eq!(comm(monitor), "berth-monitor", "pid {monitor}");
+    }
+    assert_eq!(comm(zygote_pid), "berth-zygote");
+    let spare = wait_for_spare(zygote_pid, Some(first_spare)).await;
     drop(zygote);
     assert!(
         Proc::of(zygote_pid).is_none_or(|p| !p.alive()),
@@ -921,6 +927,24 @@ async fn monitors_forked_by_the_zygote_outlive_it() {
     assert_eq!(status.state(), State::Running);
 }
 
+/// The zygote's spare monitor, once there is one other than `not`.
+async fn wait_for_spare(zygote: i32, not: Option<i32>) -> i32 {
+    let start = Instant::now();
+    loop {
+        if let Some(pid) = spares_of(zygote).into_iter().find(|p| Some(*p) != not) {
+            return pid;
+        }
+        assert!(start.elapsed() < WAIT, "the zygote forked no spare monitor");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The short name of `pid` (`/proc/<pid>/comm`).
+fn comm(pid: i32) -> String {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    comm.trim_end().to_string()
+}
+
 /// The zygote's children waiting as spares (`berth-spare`).
 fn spares_of(zygote: i32) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -933,8 +957,7 @@ fn spares_of(zygote: i32) -> Vec<i32> {
             let ppid = stat
                 .rsplit_once(')')
                 .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            ppid == Some(zygote) && comm.trim_end() == "berth-spare"
+            ppid == Some(zygote) && comm(*pid) == "berth-spare"
         })
         .collect()
 }

@@ -56,6 +56,10 @@ const SPARE_DELAY: Duration = Duration::from_millis(20);
 /// The process name of a spare monitor while it waits (`berth bench`
 /// counts it with the daemon, as the zygote).
 pub const SPARE_NAME: &CStr = c"berth-spare";
+/// The process names of the zygote and of a monitor, as `ps` shows them
+/// (otherwise both would be `exe`, of `/proc/self/exe`).
+pub const ZYGOTE_NAME: &CStr = c"berth-zygote";
+pub const MONITOR_NAME: &CStr = c"berth-monitor";
 
 /// The daemon's handle on its zygote.
 #[derive(Debug)]
@@ -200,6 +204,7 @@ pub struct Forked {
 pub fn serve() -> Result<Option<Forked>, MonitorError> {
     super::footprint::tune_allocator();
     super::process::cloexec_inherited_fds();
+    let _ = nix::sys::prctl::set_name(ZYGOTE_NAME);
     let sock = take_stdin()?;
     // SIGCHLD on a signalfd, so that exited monitors are reaped while the
     // zygote waits for the next request.
@@ -289,6 +294,7 @@ pub fn serve() -> Result<Option<Forked>, MonitorError> {
                 drop((sock, signals, spare));
                 sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None)
                     .map_err(MonitorError::sys("restore the signal mask"))?;
+                let _ = nix::sys::prctl::set_name(MONITOR_NAME);
                 let config_path = request.install()?;
                 return Ok(Some(Forked { config_path }));
             }
@@ -305,16 +311,16 @@ pub fn serve() -> Result<Option<Forked>, MonitorError> {
 /// zygote hands it, then goes on as that monitor. `None` when the zygote is
 /// gone first.
 fn wait_as_spare(chan: OwnedFd) -> Result<Option<Forked>, MonitorError> {
-    let name = nix::sys::prctl::get_name().ok();
     let _ = nix::sys::prctl::set_name(SPARE_NAME);
     warm_up();
     let Some(request) = receive(&chan)? else {
         return Ok(None);
     };
     drop(chan);
-    if let Some(name) = name {
-        let _ = nix::sys::prctl::set_name(&name);
-    }
+    // Fix: the spare used to restore the name nix's `get_name` had read,
+    // which in optimized builds is always empty (nix 0.30 passes prctl a
+    // buffer it declares immutable), so `ps` showed such monitors nameless.
+    let _ = nix::sys::prctl::set_name(MONITOR_NAME);
     let config_path = request.install()?;
     Ok(Some(Forked { config_path }))
 }
