@@ -15,10 +15,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use nix::sys::socket::sockopt;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::container::{ContainerError, ContainerManager};
@@ -260,6 +262,14 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     result
 }
 
+/// The send buffer of a client's connection. kubelet's relist at 1000
+/// containers is a ~450 KB ListContainers answer; with the default (~208
+/// KiB) the daemon writes it in pieces, each waiting for the client to read,
+/// which took ~15% of the call (docs/performance.md). The kernel doubles the
+/// value and caps it at net.core.wmem_max; memory is only used while data
+/// waits for the client.
+const CLIENT_SNDBUF: usize = 1 << 20;
+
 async fn serve(daemon: Arc<Daemon>, socket: &Path) -> Result<(), DaemonError> {
     let socket_err = |action, source| DaemonError::Socket {
         path: socket.to_path_buf(),
@@ -286,12 +296,16 @@ async fn serve(daemon: Arc<Daemon>, socket: &Path) -> Result<(), DaemonError> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let activity = Activity::default();
     let router = crate::server::router(daemon.clone(), &activity);
-    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(
-        UnixListenerStream::new(listener),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let connections = UnixListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|conn| {
+            if let Err(e) = nix::sys::socket::setsockopt(conn, sockopt::SndBuf, &CLIENT_SNDBUF) {
+                debug!("set SO_SNDBUF on a client connection: {e}");
+            }
+        })
+    });
+    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(connections, async {
+        let _ = stop_rx.await;
+    }));
     info!(
         socket = %socket.display(),
         root = %daemon.config.root.display(),

@@ -2,6 +2,7 @@
 //! CRI messages and the container manager.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use k8s_cri::v1::*;
 
@@ -88,21 +89,18 @@ pub fn status(c: &ContainerRecord, verbose: bool) -> ContainerStatusResponse {
     }
 }
 
+/// The containers ListContainers answers with `filter`, in id order.
 pub async fn list(
     manager: &ContainerManager,
     filter: Option<ContainerFilter>,
-) -> Result<Vec<Container>, crate::container::ContainerError> {
+) -> Result<Vec<Arc<ContainerRecord>>, crate::container::ContainerError> {
     let filter = filter.unwrap_or_default();
-    Ok(manager
-        .listed()
-        .await?
-        .iter()
-        .filter(|c| filter.id.is_empty() || c.id.starts_with(&filter.id))
-        .filter(|c| {
-            filter.pod_sandbox_id.is_empty() || c.pod_id.starts_with(&filter.pod_sandbox_id)
-        })
-        .filter(|c| filter.state.is_none_or(|s| s.state == state_of(c) as i32))
-        .filter(|c| labels_match(&c.config.labels, &filter.label_selector))
-        .map(|c| to_cri(c))
-        .collect())
+    let mut listed = manager.listed().await?;
+    listed.retain(|c| {
+        (filter.id.is_empty() || c.id.starts_with(&filter.id))
+            && (filter.pod_sandbox_id.is_empty() || c.pod_id.starts_with(&filter.pod_sandbox_id))
+            && filter.state.is_none_or(|s| s.state == state_of(c) as i32)
+            && labels_match(&c.config.labels, &filter.label_selector)
+    });
+    Ok(listed)
 }

@@ -4,16 +4,17 @@
 mod container;
 mod error;
 mod image;
+mod list;
 mod metrics;
 mod runtime;
 mod sandbox;
+mod service;
 mod stats;
 mod streaming;
 
 use std::sync::Arc;
 
 use k8s_cri::v1::image_service_server::ImageServiceServer;
-use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 use tonic::transport::server::Router;
 use tower::layer::util::{Identity, Stack};
 
@@ -25,9 +26,7 @@ use crate::idle::{Activity, ActivityLayer};
 pub fn router(daemon: Arc<Daemon>, activity: &Activity) -> Router<Stack<ActivityLayer, Identity>> {
     tonic::transport::Server::builder()
         .layer(activity.layer())
-        .add_service(RuntimeServiceServer::new(runtime::Runtime::new(
-            daemon.clone(),
-        )))
+        .add_service(service::RuntimeServer::new(daemon.clone()))
         .add_service(ImageServiceServer::new(image::Images::new(
             daemon.images.clone(),
         )))

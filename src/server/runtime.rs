@@ -12,6 +12,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::error::invalid;
+use super::list::Lists;
 use super::{container, metrics, sandbox, stats, streaming};
 use crate::config::CgroupDriver as ConfigCgroupDriver;
 use crate::daemon::Daemon;
@@ -24,11 +25,12 @@ const RUNTIME_API_VERSION: &str = "v1";
 
 pub struct Runtime {
     daemon: Arc<Daemon>,
+    lists: Arc<Lists>,
 }
 
 impl Runtime {
-    pub fn new(daemon: Arc<Daemon>) -> Self {
-        Runtime { daemon }
+    pub fn new(daemon: Arc<Daemon>, lists: Arc<Lists>) -> Self {
+        Runtime { daemon, lists }
     }
 }
 
@@ -209,9 +211,10 @@ impl RuntimeService for Runtime {
         &self,
         request: Request<ListPodSandboxRequest>,
     ) -> Result<Response<ListPodSandboxResponse>, Status> {
-        Ok(Response::new(
-            sandbox::list(&self.daemon.sandboxes, request.into_inner().filter).await?,
-        ))
+        // Served by `RuntimeServer` in front of this service; this is the
+        // same answer as the generated type.
+        let filter = request.into_inner().filter;
+        Ok(Response::new(self.lists.pods_decoded(filter).await?))
     }
 
     async fn create_container(
@@ -275,9 +278,10 @@ impl RuntimeService for Runtime {
         &self,
         request: Request<ListContainersRequest>,
     ) -> Result<Response<ListContainersResponse>, Status> {
-        let containers =
-            container::list(&self.daemon.containers, request.into_inner().filter).await?;
-        Ok(Response::new(ListContainersResponse { containers }))
+        // Served by `RuntimeServer` in front of this service; this is the
+        // same answer as the generated type.
+        let filter = request.into_inner().filter;
+        Ok(Response::new(self.lists.containers_decoded(filter).await?))
     }
 
     async fn container_status(

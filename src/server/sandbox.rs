@@ -81,27 +81,30 @@ pub fn status(pod: &PodRecord, verbose: bool) -> Result<PodSandboxStatusResponse
     })
 }
 
+/// The pods ListPodSandbox answers with `filter`, in id order.
 pub async fn list(
     manager: &SandboxManager,
     filter: Option<PodSandboxFilter>,
-) -> Result<ListPodSandboxResponse, Status> {
+) -> Result<Vec<Arc<PodRecord>>, Status> {
     let filter = filter.unwrap_or_default();
-    let items = manager
-        .all()
-        .await?
-        .into_iter()
-        .filter(|pod| filter.id.is_empty() || pod.id.starts_with(&filter.id))
-        .filter(|pod| filter.state.is_none_or(|s| s.state == state_of(pod) as i32))
-        .filter(|pod| labels_match(&pod.config.labels, &filter.label_selector))
-        .map(|pod| PodSandbox {
-            state: state_of(&pod) as i32,
-            id: pod.id.clone(),
-            metadata: pod.config.metadata.clone(),
-            created_at: pod.created_at,
-            labels: pod.config.labels.clone(),
-            annotations: pod.config.annotations.clone(),
-            runtime_handler: pod.runtime_handler.clone(),
-        })
-        .collect();
-    Ok(ListPodSandboxResponse { items })
+    let mut listed = manager.all().await?;
+    listed.retain(|pod| {
+        (filter.id.is_empty() || pod.id.starts_with(&filter.id))
+            && filter.state.is_none_or(|s| s.state == state_of(pod) as i32)
+            && labels_match(&pod.config.labels, &filter.label_selector)
+    });
+    Ok(listed)
+}
+
+/// A pod as ListPodSandbox shows it.
+pub fn to_cri(pod: &PodRecord) -> PodSandbox {
+    PodSandbox {
+        state: state_of(pod) as i32,
+        id: pod.id.clone(),
+        metadata: pod.config.metadata.clone(),
+        created_at: pod.created_at,
+        labels: pod.config.labels.clone(),
+        annotations: pod.config.annotations.clone(),
+        runtime_handler: pod.runtime_handler.clone(),
+    }
 }

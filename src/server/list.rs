@@ -1,0 +1,413 @@
+//! ListContainers and ListPodSandbox, kubelet's relist calls, answered from
+//! the CRI message of each record encoded once.
+//!
+//! kubelet asks for every container and every pod each second. Built anew
+//! per call, the answer at 1000 containers was 1000 `Container`s with their
+//! strings and label maps cloned, then encoded and dropped: most of the
+//! call's time went to malloc, free and the response buffer's growth
+//! (docs/performance.md, session 6). Records are immutable `Arc`s, replaced
+//! whenever they change, so a record's encoding is made once, when it is
+//! first listed, and kept while the record is the current one.
+//!
+//! The generated service can only send the generated response types, so
+//! `RuntimeServer` (service.rs) hands these two paths to [`ListCall`], which
+//! sends the kept encodings as they are. Both responses have their list in
+//! field 1, which is what [`EncodedList`] is.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use k8s_cri::v1::{
+    ContainerFilter, ListContainersRequest, ListContainersResponse, ListPodSandboxRequest,
+    ListPodSandboxResponse, PodSandboxFilter,
+};
+use prost::Message;
+use tonic::codec::{Codec, EncodeBuf, Encoder};
+use tonic::codegen::{BoxFuture, StdError, http};
+use tonic::server::UnaryService;
+use tonic::{Request, Response, Status};
+use tonic_prost::ProstDecoder;
+
+use super::{container, sandbox};
+use crate::container::ContainerRecord;
+use crate::daemon::Daemon;
+use crate::sandbox::PodRecord;
+
+const LIST_CONTAINERS: &str = "/runtime.v1.RuntimeService/ListContainers";
+const LIST_POD_SANDBOX: &str = "/runtime.v1.RuntimeService/ListPodSandbox";
+
+/// A list response in its wire form: the items, each as field 1. This is
+/// `ListContainersResponse` and `ListPodSandboxResponse` alike.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EncodedList(Bytes);
+
+/// The encoded CRI message of each record that has been listed, keyed by
+/// the record's address, and the last whole answer. An entry holds its
+/// record, so the address cannot be reused by another record while the
+/// entry is there.
+pub struct Encodings<R> {
+    state: Mutex<EncodingsState<R>>,
+}
+
+struct EncodingsState<R> {
+    entries: HashMap<usize, (Arc<R>, Bytes)>,
+    /// The last answer to a call without a filter, with the records it was
+    /// made of: kubelet's relist asks the same again and again.
+    last: Option<(Vec<Arc<R>>, EncodedList)>,
+}
+
+/// Entries above the number of records listed before a sweep of the
+/// replaced and removed ones.
+const SLACK: usize = 64;
+
+impl<R> Encodings<R> {
+    pub fn new() -> Self {
+        Encodings {
+            state: Mutex::new(EncodingsState {
+                entries: HashMap::new(),
+                last: None,
+            }),
+        }
+    }
+
+    /// The answer made of `records`, in order; `encode` makes the encodings
+    /// missing. `unfiltered`: `records` are every record there is, the
+    /// answer worth keeping for the next call.
+    pub fn of(
+        &self,
+        records: &[Arc<R>],
+        unfiltered: bool,
+        encode: impl Fn(&R) -> Bytes,
+    ) -> EncodedList {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if unfiltered
+            && let Some((made_of, answer)) = &state.last
+            && made_of.len() == records.len()
+            && made_of.iter().zip(records).all(|(a, b)| Arc::ptr_eq(a, b))
+        {
+            return answer.clone();
+        }
+        let mut body = BytesMut::new();
+        for record in records {
+            let key = Arc::as_ptr(record) as usize;
+            let (_, item) = state
+                .entries
+                .entry(key)
+                .or_insert_with(|| (record.clone(), encode(record)));
+            prost::encoding::bytes::encode(1, item, &mut body);
+        }
+        let answer = EncodedList(body.freeze());
+        if unfiltered {
+            state.last = Some((records.to_vec(), answer.clone()));
+        }
+        // A record replaced or removed is held by its entry alone (and by
+        // the last answer's list until that is replaced).
+        if state.entries.len() > 2 * records.len() + SLACK {
+            state
+                .entries
+                .retain(|_, (record, _)| Arc::strong_count(record) > 1);
+        }
+        answer
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entries
+            .len()
+    }
+}
+
+/// The two list calls over the kept encodings.
+pub struct Lists {
+    daemon: Arc<Daemon>,
+    containers: Encodings<ContainerRecord>,
+    pods: Encodings<PodRecord>,
+}
+
+impl Lists {
+    pub fn new(daemon: Arc<Daemon>) -> Self {
+        Lists {
+            daemon,
+            containers: Encodings::new(),
+            pods: Encodings::new(),
+        }
+    }
+
+    pub async fn containers(&self, filter: Option<ContainerFilter>) -> Result<EncodedList, Status> {
+        let unfiltered = filter
+            .as_ref()
+            .is_none_or(|f| *f == ContainerFilter::default());
+        let listed = container::list(&self.daemon.containers, filter).await?;
+        Ok(self.containers.of(&listed, unfiltered, |c| {
+            container::to_cri(c).encode_to_vec().into()
+        }))
+    }
+
+    pub async fn pods(&self, filter: Option<PodSandboxFilter>) -> Result<EncodedList, Status> {
+        let unfiltered = filter
+            .as_ref()
+            .is_none_or(|f| *f == PodSandboxFilter::default());
+        let listed = sandbox::list(&self.daemon.sandboxes, filter).await?;
+        Ok(self.pods.of(&listed, unfiltered, |pod| {
+            sandbox::to_cri(pod).encode_to_vec().into()
+        }))
+    }
+
+    /// ListContainers as the generated message type, for the generated
+    /// service's method.
+    pub async fn containers_decoded(
+        &self,
+        filter: Option<ContainerFilter>,
+    ) -> Result<ListContainersResponse, Status> {
+        decode(&self.containers(filter).await?)
+    }
+
+    /// ListPodSandbox as the generated message type.
+    pub async fn pods_decoded(
+        &self,
+        filter: Option<PodSandboxFilter>,
+    ) -> Result<ListPodSandboxResponse, Status> {
+        decode(&self.pods(filter).await?)
+    }
+}
+
+fn decode<M: Message + Default>(encoded: &EncodedList) -> Result<M, Status> {
+    M::decode(encoded.0.as_ref())
+        .map_err(|e| Status::internal(format!("decoding a kept list encoding: {e}")))
+}
+
+/// The two calls answered here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListCall {
+    Containers,
+    PodSandbox,
+}
+
+impl ListCall {
+    /// The list call of a request's path, if it is one.
+    pub fn of(path: &str) -> Option<ListCall> {
+        match path {
+            LIST_CONTAINERS => Some(ListCall::Containers),
+            LIST_POD_SANDBOX => Some(ListCall::PodSandbox),
+            _ => None,
+        }
+    }
+
+    pub fn serve<B>(
+        self,
+        lists: &Arc<Lists>,
+        request: http::Request<B>,
+    ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
+    where
+        B: tonic::codegen::Body + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        let lists = lists.clone();
+        match self {
+            ListCall::Containers => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(ListCodec::<ListContainersRequest>::new());
+                Ok(grpc.unary(ListContainersCall(lists), request).await)
+            }),
+            ListCall::PodSandbox => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(ListCodec::<ListPodSandboxRequest>::new());
+                Ok(grpc.unary(ListPodSandboxCall(lists), request).await)
+            }),
+        }
+    }
+}
+
+struct ListContainersCall(Arc<Lists>);
+
+impl UnaryService<ListContainersRequest> for ListContainersCall {
+    type Response = EncodedList;
+    type Future = BoxFuture<Response<EncodedList>, Status>;
+
+    fn call(&mut self, request: Request<ListContainersRequest>) -> Self::Future {
+        let lists = self.0.clone();
+        Box::pin(async move {
+            let filter = request.into_inner().filter;
+            Ok(Response::new(lists.containers(filter).await?))
+        })
+    }
+}
+
+struct ListPodSandboxCall(Arc<Lists>);
+
+impl UnaryService<ListPodSandboxRequest> for ListPodSandboxCall {
+    type Response = EncodedList;
+    type Future = BoxFuture<Response<EncodedList>, Status>;
+
+    fn call(&mut self, request: Request<ListPodSandboxRequest>) -> Self::Future {
+        let lists = self.0.clone();
+        Box::pin(async move {
+            let filter = request.into_inner().filter;
+            Ok(Response::new(lists.pods(filter).await?))
+        })
+    }
+}
+
+/// Decodes the request `Q` with prost and copies an [`EncodedList`] into a
+/// buffer sized for it first: tonic's buffer otherwise starts at 8 KiB and
+/// doubles, copying the response each time.
+struct ListCodec<Q>(PhantomData<Q>);
+
+impl<Q> ListCodec<Q> {
+    fn new() -> Self {
+        ListCodec(PhantomData)
+    }
+}
+
+impl<Q: Message + Default + Send + 'static> Codec for ListCodec<Q> {
+    type Encode = EncodedList;
+    type Decode = Q;
+    type Encoder = SizedEncoder;
+    type Decoder = ProstDecoder<Q>;
+
+    fn encoder(&mut self) -> SizedEncoder {
+        SizedEncoder
+    }
+
+    fn decoder(&mut self) -> ProstDecoder<Q> {
+        ProstDecoder::default()
+    }
+}
+
+struct SizedEncoder;
+
+impl Encoder for SizedEncoder {
+    type Item = EncodedList;
+    type Error = Status;
+
+    fn encode(&mut self, item: EncodedList, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        buf.reserve(item.0.len());
+        buf.put_slice(&item.0);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use k8s_cri::v1::{Container, PodSandbox};
+
+    use super::*;
+
+    fn encode_name(name: &String) -> Bytes {
+        Bytes::copy_from_slice(name.as_bytes())
+    }
+
+    /// The answer's items, as they were encoded.
+    fn items(answer: &EncodedList) -> Vec<String> {
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct Items {
+            #[prost(string, repeated, tag = "1")]
+            items: Vec<String>,
+        }
+        Items::decode(answer.0.as_ref()).expect("decodes").items
+    }
+
+    #[test]
+    fn a_record_is_encoded_once_while_it_is_current() {
+        let encodings = Encodings::new();
+        let (a, b) = (Arc::new("a".to_string()), Arc::new("b".to_string()));
+        let calls = Cell::new(0);
+        let counted = |name: &String| {
+            calls.set(calls.get() + 1);
+            encode_name(name)
+        };
+        let first = encodings.of(&[a.clone(), b.clone()], true, counted);
+        assert_eq!(items(&first), ["a", "b"]);
+        // A filtered answer is made of the same encodings.
+        let filtered = encodings.of(std::slice::from_ref(&b), false, counted);
+        assert_eq!(items(&filtered), ["b"]);
+        assert_eq!(calls.get(), 2);
+
+        // A changed record is a new Arc: encoded again.
+        let a2 = Arc::new("a2".to_string());
+        let third = encodings.of(&[a2.clone(), b.clone()], true, counted);
+        assert_eq!(calls.get(), 3);
+        assert_eq!(items(&third), ["a2", "b"]);
+    }
+
+    #[test]
+    fn the_last_unfiltered_answer_is_kept_while_its_records_are_current() {
+        let encodings = Encodings::new();
+        let (a, b) = (Arc::new("a".to_string()), Arc::new("b".to_string()));
+        let first = encodings.of(&[a.clone(), b.clone()], true, encode_name);
+        let again = encodings.of(&[a.clone(), b.clone()], true, encode_name);
+        assert_eq!(first.0.as_ptr(), again.0.as_ptr(), "not the kept answer");
+
+        // A filtered call neither uses nor replaces it.
+        let filtered = encodings.of(&[a.clone(), b.clone()], false, encode_name);
+        assert_ne!(filtered.0.as_ptr(), first.0.as_ptr());
+        let still = encodings.of(&[a.clone(), b.clone()], true, encode_name);
+        assert_eq!(still.0.as_ptr(), first.0.as_ptr());
+
+        // One record replaced, or one gone: a new answer.
+        let b2 = Arc::new("b".to_string());
+        let changed = encodings.of(&[a.clone(), b2.clone()], true, encode_name);
+        assert_ne!(changed.0.as_ptr(), first.0.as_ptr());
+        assert_eq!(items(&changed), ["a", "b"]);
+        let fewer = encodings.of(std::slice::from_ref(&a), true, encode_name);
+        assert_eq!(items(&fewer), ["a"]);
+        let none = encodings.of(&[], true, encode_name);
+        assert!(items(&none).is_empty());
+    }
+
+    #[test]
+    fn entries_of_records_gone_are_swept() {
+        let encodings = Encodings::new();
+        let kept = Arc::new("kept".to_string());
+        for i in 0..(SLACK + 10) {
+            let gone = Arc::new(format!("gone {i}"));
+            encodings.of(&[kept.clone(), gone], false, encode_name);
+        }
+        // Swept whenever more than 2 × 2 + SLACK entries: never above that,
+        // and the record still alive is kept.
+        assert!(encodings.len() <= 2 * 2 + SLACK + 1, "{}", encodings.len());
+        encodings.of(std::slice::from_ref(&kept), false, |_| {
+            panic!("kept was encoded again")
+        });
+    }
+
+    #[test]
+    fn an_answer_is_the_wire_form_of_both_list_responses() {
+        let containers = vec![
+            Container {
+                id: "one".into(),
+                labels: [("k".to_string(), "v".to_string())].into(),
+                ..Default::default()
+            },
+            Container {
+                id: "two".into(),
+                state: 1,
+                ..Default::default()
+            },
+        ];
+        let records: Vec<_> = containers.iter().cloned().map(Arc::new).collect();
+        let answer = Encodings::new().of(&records, true, |c: &Container| c.encode_to_vec().into());
+        let decoded: ListContainersResponse = decode(&answer).expect("decodes");
+        assert_eq!(decoded.containers, containers);
+        assert_eq!(
+            answer.0.as_ref(),
+            ListContainersResponse { containers }.encode_to_vec()
+        );
+
+        let pods = vec![PodSandbox {
+            id: "pod".into(),
+            created_at: 7,
+            ..Default::default()
+        }];
+        let records: Vec<_> = pods.iter().cloned().map(Arc::new).collect();
+        let answer = Encodings::new().of(&records, true, |p: &PodSandbox| p.encode_to_vec().into());
+        let decoded: ListPodSandboxResponse = decode(&answer).expect("decodes");
+        assert_eq!(decoded.items, pods);
+    }
+}
