@@ -1498,6 +1498,68 @@ async fn a_create_the_daemon_died_in_is_undone_at_restart() {
     rig.finish().await;
 }
 
+/// A client that gives up on CreateContainer (its deadline passes, as
+/// kubelet's does on a loaded node) does not cut the create short: it
+/// finishes, the container is listed, and the client's retry finds the name
+/// taken. Dropped halfway, it left a bundle, a snapshot and a cgroup without
+/// a record until the next restart.
+#[tokio::test]
+async fn a_create_the_client_gave_up_on_finishes() {
+    let Some(mut rig) = Rig::start().await else {
+        return;
+    };
+    let busybox = rig.pull("busybox").await;
+    let pod = rig.pod("gave-up").await;
+    let mut request = tonic::Request::new(CreateContainerRequest {
+        pod_sandbox_id: pod.clone(),
+        config: Some(container("gave-up", &busybox, SLEEPER)),
+        sandbox_config: rig.pods.get(&pod).cloned(),
+    });
+    // Far shorter than any create: the daemon drops the call at once.
+    request.set_timeout(Duration::from_micros(1));
+    let gave_up = rig
+        .rt()
+        .create_container(request)
+        .await
+        .expect_err("a create within a microsecond");
+    assert!(
+        matches!(
+            gave_up.code(),
+            tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+        ),
+        "{gave_up:?}"
+    );
+
+    let by_pod = ContainerFilter {
+        pod_sandbox_id: pod.clone(),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let id = loop {
+        if let Some(id) = rig.list(by_pod.clone()).await.pop() {
+            break id;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the create the client gave up on was cut short"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        rig.status(&id).await.state(),
+        ContainerState::ContainerCreated
+    );
+    let retry = rig
+        .try_create(&pod, container("gave-up", &busybox, SLEEPER))
+        .await
+        .expect_err("the name is taken");
+    assert!(retry.message().contains(&id), "{retry:?}");
+    rig.start_container(&id).await;
+    rig.wait_state(&id, ContainerState::ContainerRunning).await;
+
+    rig.finish().await;
+}
+
 /// Unmounts (detached) what a test mounted on the host, also on failure.
 struct HostMounts(Vec<PathBuf>);
 
