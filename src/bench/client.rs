@@ -3,22 +3,28 @@
 //! made there so that it can all be removed again.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, Bytes};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, CreateContainerRequest, ExecSyncRequest, Image, ImageSpec, ImageStatusRequest,
-    ListContainersRequest, ListPodSandboxRequest, PodSandboxConfig, PodSandboxFilter,
-    PodSandboxStatusRequest, PullImageRequest, RemoveContainerRequest, RemoveImageRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
-    StopPodSandboxRequest, VersionRequest,
+    ListContainersRequest, ListContainersResponse, ListPodSandboxRequest, ListPodSandboxResponse,
+    PodSandboxConfig, PodSandboxFilter, PodSandboxStatusRequest, PullImageRequest,
+    RemoveContainerRequest, RemoveImageRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, VersionRequest,
 };
+use prost::Message;
 use serde::Serialize;
+use tonic::codec::{Codec, DecodeBuf, Decoder};
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint, Uri};
+use tonic_prost::ProstEncoder;
 
 use super::BenchError;
 
@@ -118,10 +124,79 @@ pub struct Tracker {
 /// HTTP/2 connection and the tracker.
 #[derive(Clone)]
 pub struct Conn {
+    channel: Channel,
     runtime: RuntimeServiceClient<Channel>,
     images: ImageServiceClient<Channel>,
     timeout: Duration,
     pub tracker: Arc<Mutex<Tracker>>,
+}
+
+const LIST_POD_SANDBOX: &str = "/runtime.v1.RuntimeService/ListPodSandbox";
+const LIST_CONTAINERS: &str = "/runtime.v1.RuntimeService/ListContainers";
+
+/// The largest list answer the bench takes (the generated client's default,
+/// 4 MiB, is ~9000 containers).
+const MAX_LIST_BYTES: usize = 256 << 20;
+
+/// A list call's answer: its length, and the time to its last byte and to
+/// its decoded message.
+pub struct Listed {
+    pub count: usize,
+    pub received: Duration,
+    pub decoded: Duration,
+}
+
+/// Decodes a list answer with `decode`; `received` plus the decoding time.
+fn decode_timed(
+    path: &str,
+    encoded: &Bytes,
+    received: Duration,
+    decode: impl FnOnce(&[u8]) -> Result<usize, prost::DecodeError>,
+) -> Result<(usize, Duration), Failure> {
+    let start = Instant::now();
+    let count =
+        decode(encoded).map_err(|e| Failure::other(op_name(path), format!("decode: {e}")))?;
+    Ok((count, received + start.elapsed()))
+}
+
+/// `ListContainers` of `/runtime.v1.RuntimeService/ListContainers`.
+fn op_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// Encodes requests with prost and keeps answers encoded.
+struct RawCodec<Q>(PhantomData<Q>);
+
+impl<Q> Default for RawCodec<Q> {
+    fn default() -> Self {
+        RawCodec(PhantomData)
+    }
+}
+
+impl<Q: prost::Message + Send + 'static> Codec for RawCodec<Q> {
+    type Encode = Q;
+    type Decode = Bytes;
+    type Encoder = ProstEncoder<Q>;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> ProstEncoder<Q> {
+        ProstEncoder::default()
+    }
+
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+struct RawDecoder;
+
+impl Decoder for RawDecoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
+        Ok(Some(buf.copy_to_bytes(buf.remaining())))
+    }
 }
 
 /// Awaits one RPC with the bench's timeout; the duration is of the call alone.
@@ -157,7 +232,8 @@ impl Conn {
     pub fn new(channel: Channel, timeout: Duration) -> Conn {
         Conn {
             runtime: RuntimeServiceClient::new(channel.clone()),
-            images: ImageServiceClient::new(channel),
+            images: ImageServiceClient::new(channel.clone()),
+            channel,
             timeout,
             tracker: Arc::new(Mutex::new(Tracker::default())),
         }
@@ -167,7 +243,8 @@ impl Conn {
     pub fn with_channel(&self, channel: Channel) -> Conn {
         Conn {
             runtime: RuntimeServiceClient::new(channel.clone()),
-            images: ImageServiceClient::new(channel),
+            images: ImageServiceClient::new(channel.clone()),
+            channel,
             timeout: self.timeout,
             tracker: self.tracker.clone(),
         }
@@ -313,24 +390,60 @@ impl Conn {
         Ok(d)
     }
 
-    /// ListPodSandbox without a filter (as kubelet's relist does): the count.
-    pub async fn list_pods(&mut self) -> Result<(usize, Duration), Failure> {
-        let call = self.runtime.list_pod_sandbox(request(
-            ListPodSandboxRequest { filter: None },
-            self.timeout,
-        ));
-        let (r, d) = timed("ListPodSandbox", self.timeout, call).await?;
-        Ok((r.items.len(), d))
+    /// ListPodSandbox without a filter (as kubelet's relist does).
+    pub async fn list_pods(&mut self) -> Result<Listed, Failure> {
+        let (encoded, received) = self
+            .unary_raw(LIST_POD_SANDBOX, ListPodSandboxRequest { filter: None })
+            .await?;
+        let (count, decoded) = decode_timed(LIST_POD_SANDBOX, &encoded, received, |b| {
+            ListPodSandboxResponse::decode(b).map(|r| r.items.len())
+        })?;
+        Ok(Listed {
+            count,
+            received,
+            decoded,
+        })
     }
 
-    /// ListContainers without a filter (as kubelet's relist does): the count.
-    pub async fn list_containers(&mut self) -> Result<(usize, Duration), Failure> {
-        let call = self.runtime.list_containers(request(
-            ListContainersRequest { filter: None },
-            self.timeout,
-        ));
-        let (r, d) = timed("ListContainers", self.timeout, call).await?;
-        Ok((r.containers.len(), d))
+    /// ListContainers without a filter (as kubelet's relist does).
+    pub async fn list_containers(&mut self) -> Result<Listed, Failure> {
+        let (encoded, received) = self
+            .unary_raw(LIST_CONTAINERS, ListContainersRequest { filter: None })
+            .await?;
+        let (count, decoded) = decode_timed(LIST_CONTAINERS, &encoded, received, |b| {
+            ListContainersResponse::decode(b).map(|r| r.containers.len())
+        })?;
+        Ok(Listed {
+            count,
+            received,
+            decoded,
+        })
+    }
+
+    /// A unary call whose answer is kept as the bytes it came in, timed to
+    /// its last byte: a list's decoding is the client's work, the same for
+    /// every endpoint, and at 1000 containers it is larger than the
+    /// runtime's part (docs/performance.md, session 6).
+    async fn unary_raw<Q: prost::Message + Send + Sync + 'static>(
+        &self,
+        path: &'static str,
+        message: Q,
+    ) -> Result<(Bytes, Duration), Failure> {
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone())
+            .max_decoding_message_size(MAX_LIST_BYTES);
+        let limit = self.timeout;
+        let call = async move {
+            grpc.ready()
+                .await
+                .map_err(|e| tonic::Status::unavailable(format!("connection not ready: {e}")))?;
+            grpc.unary(
+                request(message, limit),
+                PathAndQuery::from_static(path),
+                RawCodec::<Q>::default(),
+            )
+            .await
+        };
+        timed(op_name(path), limit, call).await
     }
 
     /// IDs of the pods carrying `label=value`.
