@@ -11,25 +11,26 @@
 //!
 //! The generated service can only send the generated response types, so
 //! `RuntimeServer` (service.rs) hands these two paths to [`ListCall`], which
-//! sends the kept encodings as they are. Both responses have their list in
-//! field 1, which is what [`EncodedList`] is.
+//! answers in gRPC's framing itself: the kept answer goes out as a body
+//! frame as it is, where tonic's encoder would copy it into its buffer.
+//! Both responses have their list in field 1, which is what [`EncodedList`]
+//! is.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
+use http_body::Frame;
+use http_body_util::{BodyExt, Limited, StreamBody};
 use k8s_cri::v1::{
     ContainerFilter, ListContainersRequest, ListContainersResponse, ListPodSandboxRequest,
     ListPodSandboxResponse, PodSandboxFilter,
 };
 use prost::Message;
-use tonic::codec::{Codec, EncodeBuf, Encoder};
-use tonic::codegen::{BoxFuture, StdError, http};
-use tonic::server::UnaryService;
-use tonic::{Request, Response, Status};
-use tonic_prost::ProstDecoder;
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codegen::{BoxFuture, http};
 
 use super::{container, sandbox};
 use crate::container::ContainerRecord;
@@ -199,96 +200,95 @@ impl ListCall {
         }
     }
 
-    pub fn serve<B>(
+    /// Answers `request`: its one message decoded, the kept encodings
+    /// sent as they are, in gRPC's framing.
+    pub fn serve(
         self,
         lists: &Arc<Lists>,
-        request: http::Request<B>,
-    ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
-    where
-        B: tonic::codegen::Body + Send + 'static,
-        B::Error: Into<StdError> + Send + 'static,
-    {
+        request: http::Request<Body>,
+    ) -> BoxFuture<http::Response<Body>, Infallible> {
         let lists = lists.clone();
+        Box::pin(async move {
+            Ok(match self.answer(&lists, request.into_body()).await {
+                Ok(answer) => grpc_response(answer),
+                Err(status) => status.into_http(),
+            })
+        })
+    }
+
+    async fn answer(self, lists: &Lists, body: Body) -> Result<EncodedList, Status> {
+        let message = read_message(body).await?;
         match self {
-            ListCall::Containers => Box::pin(async move {
-                let mut grpc = tonic::server::Grpc::new(ListCodec::<ListContainersRequest>::new());
-                Ok(grpc.unary(ListContainersCall(lists), request).await)
-            }),
-            ListCall::PodSandbox => Box::pin(async move {
-                let mut grpc = tonic::server::Grpc::new(ListCodec::<ListPodSandboxRequest>::new());
-                Ok(grpc.unary(ListPodSandboxCall(lists), request).await)
-            }),
+            ListCall::Containers => {
+                let request: ListContainersRequest = decode_request(&message)?;
+                lists.containers(request.filter).await
+            }
+            ListCall::PodSandbox => {
+                let request: ListPodSandboxRequest = decode_request(&message)?;
+                lists.pods(request.filter).await
+            }
         }
     }
 }
 
-struct ListContainersCall(Arc<Lists>);
+/// The largest request taken, as tonic's default.
+const MAX_REQUEST: usize = 4 << 20;
+/// gRPC's message prefix: a compressed flag and a big-endian length.
+const PREFIX: usize = 5;
 
-impl UnaryService<ListContainersRequest> for ListContainersCall {
-    type Response = EncodedList;
-    type Future = BoxFuture<Response<EncodedList>, Status>;
-
-    fn call(&mut self, request: Request<ListContainersRequest>) -> Self::Future {
-        let lists = self.0.clone();
-        Box::pin(async move {
-            let filter = request.into_inner().filter;
-            Ok(Response::new(lists.containers(filter).await?))
-        })
+/// The one message of a unary request's body. Compression is not offered
+/// (no `grpc-accept-encoding`), so a compressed message is refused, as
+/// tonic does.
+async fn read_message(body: Body) -> Result<Bytes, Status> {
+    let bytes = Limited::new(body, MAX_REQUEST)
+        .collect()
+        .await
+        .map_err(|e| Status::invalid_argument(format!("reading the request: {e}")))?
+        .to_bytes();
+    let Some((prefix, message)) = bytes.split_first_chunk::<PREFIX>() else {
+        return Err(Status::invalid_argument("the request has no message"));
+    };
+    if prefix[0] != 0 {
+        return Err(Status::unimplemented(
+            "compressed requests are not accepted",
+        ));
     }
+    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+    if usize::try_from(len).ok() != Some(message.len()) {
+        return Err(Status::invalid_argument(format!(
+            "the request's message is {} bytes, its prefix says {len}",
+            message.len()
+        )));
+    }
+    Ok(bytes.slice(PREFIX..))
 }
 
-struct ListPodSandboxCall(Arc<Lists>);
-
-impl UnaryService<ListPodSandboxRequest> for ListPodSandboxCall {
-    type Response = EncodedList;
-    type Future = BoxFuture<Response<EncodedList>, Status>;
-
-    fn call(&mut self, request: Request<ListPodSandboxRequest>) -> Self::Future {
-        let lists = self.0.clone();
-        Box::pin(async move {
-            let filter = request.into_inner().filter;
-            Ok(Response::new(lists.pods(filter).await?))
-        })
-    }
+fn decode_request<Q: Message + Default>(message: &[u8]) -> Result<Q, Status> {
+    Q::decode(message).map_err(|e| Status::invalid_argument(format!("decoding the request: {e}")))
 }
 
-/// Decodes the request `Q` with prost and copies an [`EncodedList`] into a
-/// buffer sized for it first: tonic's buffer otherwise starts at 8 KiB and
-/// doubles, copying the response each time.
-struct ListCodec<Q>(PhantomData<Q>);
-
-impl<Q> ListCodec<Q> {
-    fn new() -> Self {
-        ListCodec(PhantomData)
-    }
-}
-
-impl<Q: Message + Default + Send + 'static> Codec for ListCodec<Q> {
-    type Encode = EncodedList;
-    type Decode = Q;
-    type Encoder = SizedEncoder;
-    type Decoder = ProstDecoder<Q>;
-
-    fn encoder(&mut self) -> SizedEncoder {
-        SizedEncoder
-    }
-
-    fn decoder(&mut self) -> ProstDecoder<Q> {
-        ProstDecoder::default()
-    }
-}
-
-struct SizedEncoder;
-
-impl Encoder for SizedEncoder {
-    type Item = EncodedList;
-    type Error = Status;
-
-    fn encode(&mut self, item: EncodedList, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        buf.reserve(item.0.len());
-        buf.put_slice(&item.0);
-        Ok(())
-    }
+/// A successful unary response carrying `answer`. The answer's bytes are
+/// the body's second frame as they are: h2 writes them from there.
+fn grpc_response(answer: EncodedList) -> http::Response<Body> {
+    let Ok(len) = u32::try_from(answer.0.len()) else {
+        return Status::resource_exhausted("the answer is larger than gRPC can frame").into_http();
+    };
+    let mut prefix = [0u8; PREFIX];
+    prefix[1..].copy_from_slice(&len.to_be_bytes());
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let frames = [
+        Frame::data(Bytes::copy_from_slice(&prefix)),
+        Frame::data(answer.0),
+        Frame::trailers(trailers),
+    ];
+    let body = StreamBody::new(futures_util::stream::iter(frames.map(Ok::<_, Infallible>)));
+    let mut response = http::Response::new(Body::new(body));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
 }
 
 #[cfg(test)]
@@ -409,5 +409,59 @@ mod tests {
         let answer = Encodings::new().of(&records, true, |p: &PodSandbox| p.encode_to_vec().into());
         let decoded: ListPodSandboxResponse = decode(&answer).expect("decodes");
         assert_eq!(decoded.items, pods);
+    }
+
+    /// A request body in gRPC's framing: `flag`, the length, `message`.
+    fn framed(flag: u8, len: u32, message: &[u8]) -> Body {
+        let mut bytes = vec![flag];
+        bytes.extend_from_slice(&len.to_be_bytes());
+        bytes.extend_from_slice(message);
+        Body::new(http_body_util::Full::new(Bytes::from(bytes)))
+    }
+
+    #[tokio::test]
+    async fn a_request_is_read_from_its_grpc_framing() {
+        let request = ListContainersRequest {
+            filter: Some(ContainerFilter {
+                id: "abc".into(),
+                ..Default::default()
+            }),
+        };
+        let message = request.encode_to_vec();
+        let len = u32::try_from(message.len()).expect("small");
+        let read = read_message(framed(0, len, &message)).await.expect("reads");
+        assert_eq!(
+            decode_request::<ListContainersRequest>(&read).expect("decodes"),
+            request
+        );
+
+        let compressed = read_message(framed(1, len, &message))
+            .await
+            .expect_err("compressed");
+        assert_eq!(compressed.code(), tonic::Code::Unimplemented);
+        let short = read_message(framed(0, len + 1, &message))
+            .await
+            .expect_err("short");
+        assert_eq!(short.code(), tonic::Code::InvalidArgument);
+        let empty = read_message(Body::empty()).await.expect_err("no message");
+        assert_eq!(empty.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn an_answer_goes_out_in_grpc_framing_with_status_ok() {
+        let answer = EncodedList(Bytes::from_static(b"\x0a\x01x"));
+        let response = grpc_response(answer.clone());
+        assert_eq!(
+            response.headers()[http::header::CONTENT_TYPE],
+            "application/grpc"
+        );
+        let collected = response.into_body().collect().await.expect("body");
+        assert_eq!(
+            collected.trailers().and_then(|t| t.get("grpc-status")),
+            Some(&http::HeaderValue::from_static("0"))
+        );
+        let bytes = collected.to_bytes();
+        assert_eq!(&bytes[..PREFIX], &[0, 0, 0, 0, 3]);
+        assert_eq!(&bytes[PREFIX..], answer.0.as_ref());
     }
 }

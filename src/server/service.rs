@@ -16,7 +16,8 @@ use std::task::{Context, Poll};
 
 use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 use tonic::Status;
-use tonic::codegen::{BoxFuture, Service, StdError, http};
+use tonic::body::Body;
+use tonic::codegen::{BoxFuture, Service, http};
 use tonic::server::NamedService;
 
 use super::list::{ListCall, Lists};
@@ -57,12 +58,8 @@ impl NamedService for RuntimeServer {
     const NAME: &'static str = <RuntimeServiceServer<Runtime> as NamedService>::NAME;
 }
 
-impl<B> Service<http::Request<B>> for RuntimeServer
-where
-    B: tonic::codegen::Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
+impl Service<http::Request<Body>> for RuntimeServer {
+    type Response = http::Response<Body>;
     type Error = Infallible;
     type Future = BoxFuture<Self::Response, Self::Error>;
 
@@ -70,7 +67,7 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         if let Some(list) = ListCall::of(request.uri().path()) {
             return list.serve(&self.lists, request);
         }
