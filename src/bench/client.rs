@@ -146,19 +146,6 @@ pub struct Listed {
     pub decoded: Duration,
 }
 
-/// Decodes a list answer with `decode`; `received` plus the decoding time.
-fn decode_timed(
-    path: &str,
-    encoded: &Bytes,
-    received: Duration,
-    decode: impl FnOnce(&[u8]) -> Result<usize, prost::DecodeError>,
-) -> Result<(usize, Duration), Failure> {
-    let start = Instant::now();
-    let count =
-        decode(encoded).map_err(|e| Failure::other(op_name(path), format!("decode: {e}")))?;
-    Ok((count, received + start.elapsed()))
-}
-
 /// `ListContainers` of `/runtime.v1.RuntimeService/ListContainers`.
 fn op_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
@@ -392,31 +379,38 @@ impl Conn {
 
     /// ListPodSandbox without a filter (as kubelet's relist does).
     pub async fn list_pods(&mut self) -> Result<Listed, Failure> {
-        let (encoded, received) = self
-            .unary_raw(LIST_POD_SANDBOX, ListPodSandboxRequest { filter: None })
-            .await?;
-        let (count, decoded) = decode_timed(LIST_POD_SANDBOX, &encoded, received, |b| {
+        let request = ListPodSandboxRequest { filter: None };
+        self.list(LIST_POD_SANDBOX, request, |b| {
             ListPodSandboxResponse::decode(b).map(|r| r.items.len())
-        })?;
-        Ok(Listed {
-            count,
-            received,
-            decoded,
         })
+        .await
     }
 
     /// ListContainers without a filter (as kubelet's relist does).
     pub async fn list_containers(&mut self) -> Result<Listed, Failure> {
-        let (encoded, received) = self
-            .unary_raw(LIST_CONTAINERS, ListContainersRequest { filter: None })
-            .await?;
-        let (count, decoded) = decode_timed(LIST_CONTAINERS, &encoded, received, |b| {
+        let request = ListContainersRequest { filter: None };
+        self.list(LIST_CONTAINERS, request, |b| {
             ListContainersResponse::decode(b).map(|r| r.containers.len())
-        })?;
+        })
+        .await
+    }
+
+    /// A list call, timed to its answer's last byte and again with `count`
+    /// decoding the answer.
+    async fn list<Q: prost::Message + Send + Sync + 'static>(
+        &self,
+        path: &'static str,
+        request: Q,
+        count: impl FnOnce(&[u8]) -> Result<usize, prost::DecodeError>,
+    ) -> Result<Listed, Failure> {
+        let (encoded, received) = self.unary_raw(path, request).await?;
+        let start = Instant::now();
+        let count =
+            count(&encoded).map_err(|e| Failure::other(op_name(path), format!("decode: {e}")))?;
         Ok(Listed {
             count,
             received,
-            decoded,
+            decoded: received + start.elapsed(),
         })
     }
 
