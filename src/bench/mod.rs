@@ -186,12 +186,7 @@ pub fn run(args: &BenchArgs) -> Result<bool, BenchError> {
             "--chatty is for the density scenario".to_string(),
         ));
     }
-    // One thread: on two, a call's hand-offs between the client's own
-    // threads (caller, tonic's buffer worker, hyper's connection task) were
-    // part of every timing, ~0.05–0.1 ms per call on this VM whatever the
-    // endpoint (docs/performance.md, session 6). The scenarios' concurrency
-    // (churn's clients) is async and stays.
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(BenchError::Runtime)?;
