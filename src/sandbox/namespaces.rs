@@ -90,11 +90,11 @@ pub fn pin(dir: &Path, request: &PinRequest) -> Result<Vec<(&'static str, PathBu
     if request.flags().is_empty() {
         return Ok(Vec::new());
     }
-    let exe = std::env::current_exe().map_err(|source| PinError::Io {
-        op: "find own binary",
-        path: PathBuf::from("/proc/self/exe"),
-        source,
-    })?;
+    // Fix: the path `current_exe` names is gone once the binary is
+    // replaced (a package upgrade before the daemon's restart), and every
+    // RunPodSandbox failed with ENOENT; /proc/self/exe still runs this
+    // daemon's own binary, as the zygote does.
+    let exe = Path::new("/proc/self/exe");
     let mut args: Vec<OsString> = vec!["ns-pin".into(), "--dir".into(), dir.into()];
     for (flag, wanted) in [
         ("--net", request.net),
