@@ -190,7 +190,7 @@ cleanup_iptables() {
 # Undo everything this run set up. Runs once: explicitly before the result
 # is printed, or from the EXIT trap on any other way out.
 cleanup() {
-    local id i
+    local id i dir
     ((cleaned == 0)) || return 0
     cleaned=1
     if [[ -n "$critest_pid" ]] && kill -0 "$critest_pid" 2>/dev/null; then
@@ -230,6 +230,14 @@ cleanup() {
     fi
     kill_leftovers
     unmount_all
+    # Pods that critest gives no cgroup parent go under berth's default
+    # one, `/berth`, which berth leaves standing. Removed only when empty:
+    # a pod cgroup berth leaked keeps it, and shows.
+    for dir in /sys/fs/cgroup/berth /sys/fs/cgroup/*/berth; do
+        if [[ -d "$dir" ]]; then
+            rmdir "$dir" 2>/dev/null || true
+        fi
+    done
     if [[ -n "$bridge" ]] && ip link show "$bridge" >/dev/null 2>&1; then
         ip link delete "$bridge" || say "warning: could not delete bridge $bridge"
     fi
