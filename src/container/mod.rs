@@ -36,6 +36,8 @@ const MAX_NAME_BYTES: usize = 253;
 /// A file in the bundle naming the container's cgroup, written before the
 /// cgroup is made, so that a create the daemon died in can be undone.
 const CGROUP_MARKER: &str = "cgroup";
+/// The file in the bundle where the monitor writes the container's pid.
+const PID_FILE: &str = "pid";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
@@ -418,7 +420,7 @@ impl ContainerManager {
         }
         if container.pid == 0 {
             // Saved while the monitor was still setting it up (see `make`).
-            let pid_file = container.bundle.join("pid");
+            let pid_file = container.bundle.join(PID_FILE);
             match std::fs::read_to_string(&pid_file).map(|p| p.trim().parse::<u32>()) {
                 Ok(Ok(pid)) => {
                     let mut container = container;
@@ -743,7 +745,7 @@ impl ContainerManager {
             cgroup_procs: procs,
             control_socket: container.control_socket(&self.state_dir),
             exit_record: container.exit_record(&self.state_dir),
-            pid_file: bundle.join("pid"),
+            pid_file: bundle.join(PID_FILE),
             oom_kill_file: oom_file,
             oom_kill_initial,
             monitor_log: Some(bundle.join("monitor.log")),

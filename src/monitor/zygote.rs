@@ -58,8 +58,8 @@ const SPARE_DELAY: Duration = Duration::from_millis(20);
 pub const SPARE_NAME: &CStr = c"berth-spare";
 /// The process names of the zygote and of a monitor, as `ps` shows them
 /// (otherwise both would be `exe`, of `/proc/self/exe`).
-pub const ZYGOTE_NAME: &CStr = c"berth-zygote";
-pub const MONITOR_NAME: &CStr = c"berth-monitor";
+const ZYGOTE_NAME: &CStr = c"berth-zygote";
+const MONITOR_NAME: &CStr = c"berth-monitor";
 
 /// The daemon's handle on its zygote.
 #[derive(Debug)]
