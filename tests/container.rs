@@ -57,6 +57,18 @@ async fn container_goes_created_running_exited_with_times_and_reasons() {
         created.image_ref,
         rig.images().str("busybox", "repo_digest")
     );
+    // Listed, its image_ref is the image ID (what kubelets before 1.30 read
+    // as the image ID).
+    let listed = rig
+        .client
+        .list_containers(ListContainersRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .containers;
+    let listed = listed.iter().find(|c| c.id == sleeper).expect("listed");
+    assert_eq!(listed.image_ref, rig.images().str("busybox", "image_id"));
+    assert_eq!(listed.image_id, rig.images().str("busybox", "image_id"));
     assert_eq!(
         PathBuf::from(&created.log_path),
         rig.log_dir(&pod).join("sleeper.log")

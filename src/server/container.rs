@@ -27,7 +27,11 @@ pub fn to_cri(c: &ContainerRecord) -> Container {
         pod_sandbox_id: c.pod_id.clone(),
         metadata: c.config.metadata.clone(),
         image: Some(image_spec(c)),
-        image_ref: c.image_ref.clone(),
+        // The image ID, as containerd answers here (its ContainerStatus, like
+        // ours, gives the digest reference): kubelets before 1.30 have no
+        // `image_id` and take a listed container's `image_ref` as its image
+        // ID, which image garbage collection matches against ListImages.
+        image_ref: c.image_id.clone(),
         state: state_of(c) as i32,
         created_at: c.created_at,
         labels: c.config.labels.clone(),
