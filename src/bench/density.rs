@@ -4,7 +4,8 @@
 //! and pod infra processes, over N), the memory of one helper among N, and
 //! the latency of kubelet's relist calls, ListPodSandbox and ListContainers,
 //! at N pods (to the answer's last byte, and with the client's decoding of
-//! it as a row of its own); then removes the pods, timing that too.
+//! it as a row of its own), and with `--relist-after` again once the
+//! runtimes have had time to settle; then removes the pods, timing that too.
 
 use std::time::Duration;
 
@@ -49,33 +50,10 @@ pub async fn run(targets: &mut [Target], ctx: &Ctx) {
         }
     }
 
-    let list_pods = format!("ListPodSandbox @{n} pods");
-    let list_pods_decoded = format!("ListPodSandbox @{n} pods, decoded");
-    let list_containers = format!("ListContainers @{n} pods");
-    let list_containers_decoded = format!("ListContainers @{n} pods, decoded");
-    for i in 0..ctx.iterations {
-        for t in order(i, targets.len()) {
-            let target = &mut targets[t];
-            if !target.active() {
-                continue;
-            }
-            let listed = async {
-                let pods = target.conn.list_pods().await?;
-                target.record(&list_pods, pods.received);
-                target.record(&list_pods_decoded, pods.decoded);
-                check_count(target, "ListPodSandbox", pods.count, n, i);
-                if target.with_containers() {
-                    let containers = target.conn.list_containers().await?;
-                    target.record(&list_containers, containers.received);
-                    target.record(&list_containers_decoded, containers.decoded);
-                    check_count(target, "ListContainers", containers.count, n, i);
-                }
-                Ok::<_, Failure>(())
-            };
-            if let Err(f) = listed.await {
-                target.fail(f);
-            }
-        }
+    relist(targets, ctx, "").await;
+    if let Some(after) = ctx.relist_after {
+        tokio::time::sleep(after).await;
+        relist(targets, ctx, &format!(", after {}s", after.as_secs())).await;
     }
 
     // Tear down in the same interleaved order; an endpoint that failed is
@@ -107,6 +85,40 @@ pub async fn run(targets: &mut [Target], ctx: &Ctx) {
                 Ok::<_, Failure>(())
             };
             if let Err(f) = removed.await {
+                target.fail(f);
+            }
+        }
+    }
+}
+
+/// Times `ctx.iterations` rounds of kubelet's relist calls at N pods; the
+/// rows' names end in `suffix`.
+async fn relist(targets: &mut [Target], ctx: &Ctx, suffix: &str) {
+    let n = ctx.pods as usize;
+    let list_pods = format!("ListPodSandbox @{n} pods{suffix}");
+    let list_pods_decoded = format!("ListPodSandbox @{n} pods{suffix}, decoded");
+    let list_containers = format!("ListContainers @{n} pods{suffix}");
+    let list_containers_decoded = format!("ListContainers @{n} pods{suffix}, decoded");
+    for i in 0..ctx.iterations {
+        for t in order(i, targets.len()) {
+            let target = &mut targets[t];
+            if !target.active() {
+                continue;
+            }
+            let listed = async {
+                let pods = target.conn.list_pods().await?;
+                target.record(&list_pods, pods.received);
+                target.record(&list_pods_decoded, pods.decoded);
+                check_count(target, "ListPodSandbox", pods.count, n, i);
+                if target.with_containers() {
+                    let containers = target.conn.list_containers().await?;
+                    target.record(&list_containers, containers.received);
+                    target.record(&list_containers_decoded, containers.decoded);
+                    check_count(target, "ListContainers", containers.count, n, i);
+                }
+                Ok::<_, Failure>(())
+            };
+            if let Err(f) = listed.await {
                 target.fail(f);
             }
         }

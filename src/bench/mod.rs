@@ -122,6 +122,12 @@ pub struct BenchArgs {
     /// instead of sleeping, for the memory of helpers that stream logs.
     #[arg(long)]
     pub chatty: bool,
+    /// density: time the list calls again this many seconds after the
+    /// first round, in rows of their own: right after N pods were made a
+    /// runtime may still be busy with them (containerd is, for minutes),
+    /// later it is what kubelet's relist meets most of the time.
+    #[arg(long, value_name = "SECONDS")]
+    pub relist_after: Option<u64>,
     /// Untimed pod lifecycles per endpoint before timing starts (pulls the
     /// image, and a pause image where the runtime uses one).
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -150,6 +156,8 @@ pub struct Ctx {
     pub clients: u32,
     /// density: chatty containers, logging under `log_dir`.
     pub chatty: bool,
+    /// density: the list calls timed again after this long.
+    pub relist_after: Option<Duration>,
     /// Where the pods of a chatty run keep their logs, one directory per
     /// endpoint; removed at the end.
     pub log_dir: PathBuf,
@@ -210,6 +218,11 @@ pub fn run(args: &BenchArgs) -> Result<bool, BenchError> {
             "--chatty is for the density scenario".to_string(),
         ));
     }
+    if args.relist_after.is_some() && args.scenario != Scenario::Density {
+        return Err(BenchError::Usage(
+            "--relist-after is for the density scenario".to_string(),
+        ));
+    }
     keep_freed_memory();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -243,6 +256,7 @@ async fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
         pods: args.pods,
         clients: args.clients,
         chatty: args.chatty,
+        relist_after: args.relist_after.map(Duration::from_secs),
     };
     let timeout = Duration::from_secs(args.timeout.max(1));
 
