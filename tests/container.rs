@@ -218,6 +218,29 @@ async fn logs_are_written_in_cri_format_at_the_path_kubelet_gave() {
 }
 
 #[tokio::test]
+async fn a_daemon_whose_binary_was_replaced_still_runs_pods_containers_and_execs() {
+    // A package upgrade replaces the binary under a running daemon: the
+    // path it was started from then names another file, or none.
+    let Some(images) = common::TestImages::load() else {
+        return;
+    };
+    let copy_dir = tempfile::tempdir().expect("tempdir");
+    let copy = copy_dir.path().join("berth");
+    std::fs::copy(common::berth_bin(), &copy).expect("copy berth");
+    let Some(mut rig) = Rig::start_from(Some(images), Some(copy.clone())).await else {
+        return;
+    };
+    std::fs::remove_file(&copy).expect("remove the copy");
+
+    let busybox = rig.pull("busybox").await;
+    let pod = rig.pod("upgraded").await;
+    let id = rig.run(&pod, container("target", &busybox, SLEEPER)).await;
+    assert_eq!(rig.exec_ok(&id, &["echo", "still"]).await, "still\n");
+
+    rig.finish().await;
+}
+
+#[tokio::test]
 async fn exec_sync_returns_output_and_exit_code_and_fails_for_missing_binaries() {
     let Some(mut rig) = Rig::start().await else {
         return;

@@ -188,12 +188,11 @@ fn helper_command(
     let process = exec_process(&spec, cmd, tty)?;
     let process_json =
         serde_json::to_string(&process).map_err(|e| ExecError::Spec(e.to_string()))?;
-    let exe = std::env::current_exe().map_err(|source| ExecError::Io {
-        op: "find own binary",
-        path: PathBuf::from("/proc/self/exe"),
-        source,
-    })?;
-    let mut command = tokio::process::Command::new(exe);
+    // Fix: the path `current_exe` names is gone once the binary is
+    // replaced (a package upgrade before the daemon's restart), and every
+    // exec failed with ENOENT; /proc/self/exe still runs this daemon's own
+    // binary, as ns-pin and the zygote do.
+    let mut command = tokio::process::Command::new("/proc/self/exe");
     command
         .arg("exec-helper")
         .arg("--pid")

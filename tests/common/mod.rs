@@ -44,6 +44,8 @@ pub struct Options {
     pub socket: Option<PathBuf>,
     pub root: Option<PathBuf>,
     pub state: Option<PathBuf>,
+    /// Run this copy of berth instead of the one cargo built.
+    pub binary: Option<PathBuf>,
 }
 
 impl TestDaemon {
@@ -72,7 +74,8 @@ impl TestDaemon {
         std::fs::create_dir_all(config.parent().expect("config has a parent")).expect("mkdir etc");
         std::fs::write(&config, &options.config_toml).expect("write config");
         let log = dir.path().join("daemon.log");
-        let child = Command::new(berth_bin())
+        let binary = options.binary.unwrap_or_else(|| PathBuf::from(berth_bin()));
+        let child = Command::new(binary)
             .arg("--config")
             .arg(&config)
             .arg("serve")

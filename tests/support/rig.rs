@@ -82,6 +82,11 @@ impl Rig {
 
     /// A daemon for a test that brings its own images.
     pub async fn start_with(images: Option<TestImages>) -> Option<Rig> {
+        Self::start_from(images, None).await
+    }
+
+    /// A daemon run from `binary` (a copy of berth) instead of cargo's.
+    pub async fn start_from(images: Option<TestImages>, binary: Option<PathBuf>) -> Option<Rig> {
         if !root_or_skip() {
             return None;
         }
@@ -96,6 +101,7 @@ impl Rig {
         );
         let daemon = TestDaemon::start_with(Options {
             config_toml: config_toml.clone(),
+            binary,
             ..Options::default()
         });
         let client = daemon.runtime().await;
@@ -451,6 +457,7 @@ impl Rig {
             socket: Some(self.daemon.socket.clone()),
             root: Some(self.daemon.root.clone()),
             state: Some(self.daemon.state.clone()),
+            binary: None,
         });
         self.daemon_pid = Some(restarted.pid().as_raw());
         let old = std::mem::replace(&mut self.daemon, restarted);
