@@ -59,13 +59,7 @@ async fn container_goes_created_running_exited_with_times_and_reasons() {
     );
     // Listed, its image_ref is the image ID (what kubelets before 1.30 read
     // as the image ID).
-    let listed = rig
-        .client
-        .list_containers(ListContainersRequest::default())
-        .await
-        .expect("list")
-        .into_inner()
-        .containers;
+    let listed = rig.listed(None).await;
     let listed = listed.iter().find(|c| c.id == sleeper).expect("listed");
     assert_eq!(listed.image_ref, rig.images().str("busybox", "image_id"));
     assert_eq!(listed.image_id, rig.images().str("busybox", "image_id"));
@@ -1516,13 +1510,7 @@ async fn a_create_the_daemon_died_in_is_undone_at_restart() {
     assert!(!bundle.exists(), "bundle left: {}", bundle.display());
     assert!(!snapshot.exists(), "snapshot left: {}", snapshot.display());
     assert_eq!(cgroup_dirs(&cgroup), Vec::<PathBuf>::new());
-    let listed = rig
-        .client
-        .list_containers(ListContainersRequest::default())
-        .await
-        .expect("list")
-        .into_inner()
-        .containers;
+    let listed = rig.listed(None).await;
     assert!(listed.iter().all(|c| c.id != orphan), "{listed:?}");
     // Its name is free again.
     let again = rig

@@ -616,6 +616,7 @@ async fn pods_survive_a_daemon_killed_with_sigkill_and_are_cleaned_up_after() {
         socket: Some(daemon.socket.clone()),
         root: Some(daemon.root.clone()),
         state: Some(daemon.state.clone()),
+        ..Options::default()
     });
     let mut client = restarted.runtime().await;
     let st = status(&mut client, &id).await.expect("pod still known");

@@ -421,22 +421,27 @@ impl Rig {
         stdout
     }
 
-    pub async fn list(&self, filter: ContainerFilter) -> Vec<String> {
+    /// The containers ListContainers answers with `filter`, as they come.
+    pub async fn listed(&self, filter: Option<ContainerFilter>) -> Vec<Container> {
         let mut client = self.rt();
-        let mut ids: Vec<String> = within(
+        within(
             "ListContainers",
             RPC_LIMIT,
-            client.list_containers(ListContainersRequest {
-                filter: Some(filter),
-            }),
+            client.list_containers(ListContainersRequest { filter }),
         )
         .await
         .expect("ListContainers")
         .into_inner()
         .containers
-        .into_iter()
-        .map(|c| c.id)
-        .collect();
+    }
+
+    pub async fn list(&self, filter: ContainerFilter) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .listed(Some(filter))
+            .await
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
         ids.sort();
         ids
     }
@@ -457,7 +462,7 @@ impl Rig {
             socket: Some(self.daemon.socket.clone()),
             root: Some(self.daemon.root.clone()),
             state: Some(self.daemon.state.clone()),
-            binary: None,
+            ..Options::default()
         });
         self.daemon_pid = Some(restarted.pid().as_raw());
         let old = std::mem::replace(&mut self.daemon, restarted);
