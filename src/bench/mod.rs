@@ -181,30 +181,6 @@ pub fn order(i: u32, endpoints: usize) -> Vec<usize> {
     }
 }
 
-/// Tells glibc's malloc to keep what the bench frees. By default a freed
-/// large buffer goes back to the kernel (it was mmapped, or it trims the
-/// heap's top), so each list answer at 1000 containers (~0.4 MB, and its
-/// decoding) cost the client ~100 fresh page faults, ~0.1 ms in every list
-/// timing whatever the endpoint (docs/performance.md, session 7). kubelet's
-/// Go heap keeps freed memory between relists too.
-fn keep_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    {
-        // Buffers up to 32 MiB (glibc's largest mmap threshold) come from
-        // the heap, whose top is kept up to 256 MiB.
-        const MMAP_THRESHOLD: libc::c_int = 32 << 20;
-        const TRIM_THRESHOLD: libc::c_int = 256 << 20;
-        #[allow(unsafe_code)]
-        // SAFETY: mallopt only sets malloc's tunables; it is called before
-        // the bench starts any thread. A refused value (0) leaves glibc's
-        // default, which only costs speed.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
-        }
-    }
-}
-
 /// Runs the bench and prints its report on stdout; true if it ran clean
 /// (every failure an RPC not implemented yet, nothing left behind).
 pub fn run(args: &BenchArgs) -> Result<bool, BenchError> {
@@ -223,7 +199,8 @@ pub fn run(args: &BenchArgs) -> Result<bool, BenchError> {
             "--relist-after is for the density scenario".to_string(),
         ));
     }
-    keep_freed_memory();
+    // Before the runtime starts its threads.
+    crate::monitor::footprint::tune_bench_allocator();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -86,6 +86,29 @@ pub fn tune_daemon_allocator() {
     }
 }
 
+/// Sets glibc's malloc up for `berth bench`, a CRI client: it keeps what
+/// it frees. By default a freed large buffer goes back to the kernel (it
+/// was mmapped, or it trims the heap's top), so each list answer at 1000
+/// containers (~0.4 MB, and its decoding) cost the client ~100 fresh page
+/// faults, ~0.1 ms in every list timing whatever the endpoint
+/// (docs/performance.md, session 7). kubelet's Go heap keeps freed memory
+/// between relists too. Call before any other thread is started.
+#[allow(unsafe_code)] // mallopt(3)
+pub fn tune_bench_allocator() {
+    // Buffers up to 32 MiB (glibc's largest mmap threshold) come from the
+    // heap, whose top is kept up to 256 MiB.
+    const MMAP_THRESHOLD: i32 = 32 << 20;
+    const TRIM_THRESHOLD: i32 = 256 << 20;
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets malloc's parameters; the caller runs before
+    // any other thread exists. A refused value (0) leaves glibc's default,
+    // which only costs speed.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+    }
+}
+
 /// Gives back what creating or starting the container left behind (see the
 /// module doc). Call on the main thread, from the frame that runs the
 /// supervisor's loop, between its turns: what its callees used is released.
