@@ -220,7 +220,7 @@ async fn a_daemon_whose_binary_was_replaced_still_runs_pods_containers_and_execs
     };
     let copy_dir = tempfile::tempdir().expect("tempdir");
     let copy = copy_dir.path().join("berth");
-    std::fs::copy(common::berth_bin(), &copy).expect("copy berth");
+    common::copy_executable(Path::new(common::berth_bin()), &copy);
     let Some(mut rig) = Rig::start_from(Some(images), Some(copy.clone())).await else {
         return;
     };

@@ -12,6 +12,7 @@
 //! container ids and cgroups), so the harness may run them in parallel: the
 //! forks happen in the monitor, never in this multi-threaded process.
 
+mod common;
 #[path = "support/rootfs.rs"]
 mod rootfs;
 

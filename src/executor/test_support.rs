@@ -88,7 +88,15 @@ impl Rootfs {
             std::os::unix::fs::PermissionsExt::from_mode(0o1777),
         )
         .unwrap();
-        std::fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
+        // `cp` writes the copy, not this process: a fork on another test's
+        // thread would inherit our write descriptor until its exec, and
+        // running the copy meanwhile fails with ETXTBSY.
+        let copied = std::process::Command::new("cp")
+            .arg(BUSYBOX)
+            .arg(root.join("bin/busybox"))
+            .status()
+            .unwrap();
+        assert!(copied.success(), "cp busybox: {copied}");
         for applet in [
             "sh", "id", "hostname", "cat", "ls", "sleep", "mount", "echo", "true", "mkdir",
             "touch", "wc", "readlink", "grep", "tty", "stat",

@@ -25,6 +25,24 @@ pub fn berth_bin() -> &'static str {
     env!("CARGO_BIN_EXE_berth")
 }
 
+/// Copies an executable that is about to be run, by `cp` rather than by
+/// this process: a fork on another test's thread would inherit our write
+/// descriptor until its exec, and running the copy meanwhile fails with
+/// ETXTBSY.
+pub fn copy_executable(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("run cp");
+    assert!(
+        status.success(),
+        "cp {} {}: {status}",
+        from.display(),
+        to.display()
+    );
+}
+
 pub struct TestDaemon {
     child: Option<Child>,
     pub dir: TempDir,

@@ -54,7 +54,7 @@ impl Bundle {
             std::os::unix::fs::PermissionsExt::from_mode(0o1777),
         )
         .expect("chmod /tmp");
-        std::fs::copy(BUSYBOX, root.join("bin/busybox")).expect("copy busybox");
+        crate::common::copy_executable(Path::new(BUSYBOX), &root.join("bin/busybox"));
         for applet in APPLETS {
             std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))
                 .expect("link applet");
