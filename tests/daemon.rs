@@ -577,3 +577,51 @@ fn version_command_prints_the_version() {
     assert!(status.success());
     assert!(stdout.contains(env!("CARGO_PKG_VERSION")), "{stdout}");
 }
+
+#[test]
+fn bench_idle_makes_kubelets_periodic_calls_and_reads_the_daemons_memory() {
+    let daemon = TestDaemon::start();
+    let endpoint = format!("unix://{}", daemon.socket.display());
+    let (status, stdout, stderr) = run_berth(&[
+        "bench",
+        "--endpoint",
+        &endpoint,
+        "--scenario",
+        "idle",
+        "--iterations",
+        "3",
+        "--json",
+    ]);
+    assert!(status.success(), "{stdout}\n{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON report");
+    let berth = &report["endpoints"][0];
+    assert_eq!(berth["runtime_name"], "berth", "{stdout}");
+    assert_eq!(berth["daemon_pid"], daemon.pid().as_raw(), "{stdout}");
+    let mut ops: Vec<(String, u64)> = berth["operations"]
+        .as_array()
+        .expect("operations")
+        .iter()
+        .map(|o| {
+            (
+                o["op"].as_str().unwrap_or("").to_string(),
+                o["n"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    ops.sort();
+    let expected: Vec<(String, u64)> = [
+        "ImageFsInfo",
+        "ListContainers",
+        "ListImages",
+        "ListPodSandbox",
+        "Status",
+        "Version",
+    ]
+    .iter()
+    .map(|op| (op.to_string(), 3))
+    .collect();
+    assert_eq!(ops, expected, "{stdout}");
+    let rss = &berth["memory"]["end"]["daemon"]["rss_kib"];
+    assert!(rss.as_u64().is_some_and(|kib| kib > 0), "{stdout}");
+    assert!(berth["failure"].is_null(), "{stdout}");
+}

@@ -13,11 +13,12 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, CreateContainerRequest, ExecSyncRequest, Image, ImageSpec, ImageStatusRequest,
-    ListContainersRequest, ListContainersResponse, ListPodSandboxRequest, ListPodSandboxResponse,
-    PodSandboxConfig, PodSandboxFilter, PodSandboxStatusRequest, PullImageRequest,
-    RemoveContainerRequest, RemoveImageRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, VersionRequest,
+    ContainerConfig, CreateContainerRequest, ExecSyncRequest, Image, ImageFsInfoRequest, ImageSpec,
+    ImageStatusRequest, ListContainersRequest, ListContainersResponse, ListImagesRequest,
+    ListPodSandboxRequest, ListPodSandboxResponse, PodSandboxConfig, PodSandboxFilter,
+    PodSandboxStatusRequest, PullImageRequest, RemoveContainerRequest, RemoveImageRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StatusRequest,
+    StopContainerRequest, StopPodSandboxRequest, VersionRequest,
 };
 use prost::Message;
 use serde::Serialize;
@@ -251,6 +252,39 @@ impl Conn {
         ));
         let (v, _) = timed("Version", self.timeout, call).await?;
         Ok((v.runtime_name, v.runtime_version))
+    }
+
+    /// Version, timed.
+    pub async fn version_timed(&mut self) -> Result<Duration, Failure> {
+        let call = self.runtime.version(request(
+            VersionRequest {
+                version: "v1".to_string(),
+            },
+            self.timeout,
+        ));
+        Ok(timed("Version", self.timeout, call).await?.1)
+    }
+
+    /// Status without verbose, as kubelet asks it.
+    pub async fn status(&mut self) -> Result<Duration, Failure> {
+        let call = self
+            .runtime
+            .status(request(StatusRequest { verbose: false }, self.timeout));
+        Ok(timed("Status", self.timeout, call).await?.1)
+    }
+
+    pub async fn list_images(&mut self) -> Result<Duration, Failure> {
+        let call = self
+            .images
+            .list_images(request(ListImagesRequest { filter: None }, self.timeout));
+        Ok(timed("ListImages", self.timeout, call).await?.1)
+    }
+
+    pub async fn image_fs_info(&mut self) -> Result<Duration, Failure> {
+        let call = self
+            .images
+            .image_fs_info(request(ImageFsInfoRequest {}, self.timeout));
+        Ok(timed("ImageFsInfo", self.timeout, call).await?.1)
     }
 
     pub async fn run_pod(

@@ -14,6 +14,7 @@ mod churn;
 mod client;
 mod density;
 mod exec;
+mod idle;
 mod lifecycle;
 mod pods;
 mod procfs;
@@ -63,6 +64,9 @@ pub enum Scenario {
     Churn,
     /// ExecSync `true` into one running container, --iterations times.
     Exec,
+    /// kubelet's periodic calls on a node without pods, --iterations
+    /// rounds: the daemon's memory at the end is its idle memory.
+    Idle,
 }
 
 impl Scenario {
@@ -73,6 +77,7 @@ impl Scenario {
             Scenario::Density => "density",
             Scenario::Churn => "churn",
             Scenario::Exec => "exec",
+            Scenario::Idle => "idle",
         }
     }
 
@@ -83,11 +88,16 @@ impl Scenario {
             Scenario::Density => 20,
             Scenario::Churn => 5,
             Scenario::Exec => 200,
+            Scenario::Idle => 60,
         }
     }
 
     fn makes_pods(self) -> bool {
-        self != Scenario::Pull
+        !matches!(self, Scenario::Pull | Scenario::Idle)
+    }
+
+    fn uses_image(self) -> bool {
+        self != Scenario::Idle
     }
 }
 
@@ -104,13 +114,14 @@ pub struct BenchArgs {
     #[arg(long, value_enum)]
     pub scenario: Scenario,
     /// Timed iterations [default: lifecycle 20, pull 3, density 20 list
-    /// calls, churn 5 rounds, exec 200 calls].
+    /// calls, churn 5 rounds, exec 200 calls, idle 60 rounds].
     #[arg(long, value_name = "N")]
     pub iterations: Option<u32>,
     /// The image to pull (pull) or to run `sleep` and `true` from (the
-    /// others); it must be pullable by every endpoint under this name.
+    /// others but idle); it must be pullable by every endpoint under this
+    /// name.
     #[arg(long, value_name = "REF")]
-    pub image: String,
+    pub image: Option<String>,
     /// density: how many pods.
     #[arg(long, value_name = "N", default_value_t = 50)]
     pub pods: u32,
@@ -189,6 +200,12 @@ pub fn run(args: &BenchArgs) -> Result<bool, BenchError> {
             "--iterations and --pods must be at least 1".to_string(),
         ));
     }
+    if args.image.is_none() && args.scenario.uses_image() {
+        return Err(BenchError::Usage(format!(
+            "--image is needed for the {} scenario",
+            args.scenario.name()
+        )));
+    }
     if args.chatty && args.scenario != Scenario::Density {
         return Err(BenchError::Usage(
             "--chatty is for the density scenario".to_string(),
@@ -225,7 +242,7 @@ async fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
             scenario: args.scenario.name(),
             run_id,
         },
-        image: args.image.clone(),
+        image: args.image.clone().unwrap_or_default(),
         iterations: args
             .iterations
             .unwrap_or_else(|| args.scenario.default_iterations()),
@@ -335,12 +352,16 @@ async fn scenario(targets: &mut [Target], ctx: &Ctx, scenario: Scenario) {
         Scenario::Density => density::run(targets, ctx).await,
         Scenario::Churn => churn::run(targets, ctx).await,
         Scenario::Exec => exec::run(targets, ctx).await,
+        Scenario::Idle => idle::run(targets, ctx).await,
     }
 }
 
 /// Untimed: note whether the image is there (so that clean-up restores
 /// that), pull it for pod scenarios, and run the warm-up pods.
 async fn prepare(targets: &mut [Target], ctx: &Ctx, scenario: Scenario) {
+    if !scenario.uses_image() {
+        return;
+    }
     for target in targets.iter_mut() {
         match target.conn.image_status(&ctx.image).await {
             Ok(status) => target.image_was_present = Some(status.is_some()),
@@ -439,6 +460,7 @@ mod tests {
             Scenario::Density,
             Scenario::Churn,
             Scenario::Exec,
+            Scenario::Idle,
         ] {
             assert!(s.default_iterations() > 0, "{}", s.name());
         }

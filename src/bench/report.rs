@@ -138,17 +138,21 @@ impl Report {
 
     pub fn to_text(&self) -> String {
         let mut out = String::new();
-        let warm = if self.warmup > 0 && self.scenario != Scenario::Pull {
+        let warm = if self.warmup > 0 && !matches!(self.scenario, Scenario::Pull | Scenario::Idle) {
             format!(" (+{} warm-up)", self.warmup)
         } else {
             String::new()
         };
+        let image = if self.image.is_empty() {
+            String::new()
+        } else {
+            format!(", image {}", self.image)
+        };
         let _ = write!(
             out,
-            "berth bench: scenario {}, {} iteration(s){warm}, image {}, run {}",
+            "berth bench: scenario {}, {} iteration(s){warm}{image}, run {}",
             self.scenario.name(),
             self.iterations,
-            self.image,
             self.run_id
         );
         if let Some(p) = self.pods {
