@@ -14,7 +14,7 @@
 //! answers in gRPC's framing itself: the kept answer goes out as a body
 //! frame as it is, where tonic's encoder would copy it into its buffer.
 //! Both responses have their list in field 1, which is what [`EncodedList`]
-//! is.
+//! holds, behind gRPC's message prefix.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -40,10 +40,32 @@ use crate::sandbox::PodRecord;
 const LIST_CONTAINERS: &str = "/runtime.v1.RuntimeService/ListContainers";
 const LIST_POD_SANDBOX: &str = "/runtime.v1.RuntimeService/ListPodSandbox";
 
-/// A list response in its wire form: the items, each as field 1. This is
-/// `ListContainersResponse` and `ListPodSandboxResponse` alike.
+/// A list response in its wire form, framed: gRPC's message prefix, then
+/// the items, each as field 1 (`ListContainersResponse` and
+/// `ListPodSandboxResponse` alike). The prefix is made with the answer so
+/// that the answer goes out as one DATA frame. As a frame of its own it
+/// left an empty second frame for an empty list, and h2 clients close the
+/// connection after 100 empty frames (h2 0.4.20's
+/// `MAX_RECV_EMPTY_DATA_FRAMES`): a node without pods lost its client's
+/// connection within a minute of kubelet's relists.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EncodedList(Bytes);
+
+impl EncodedList {
+    /// Frames `body`, which starts with [`PREFIX`] bytes kept for the
+    /// prefix. A message too long for the prefix's length keeps a zero
+    /// prefix; [`grpc_response`] refuses to send it.
+    fn framed(mut body: BytesMut) -> EncodedList {
+        let len = u32::try_from(body.len() - PREFIX).unwrap_or(0);
+        body[1..PREFIX].copy_from_slice(&len.to_be_bytes());
+        EncodedList(body.freeze())
+    }
+
+    /// The response message, without the prefix.
+    fn message(&self) -> &[u8] {
+        &self.0[PREFIX..]
+    }
+}
 
 /// The encoded CRI message of each record that has been listed, keyed by
 /// the record's address, and the last whole answer. An entry holds its
@@ -91,7 +113,7 @@ impl<R> Encodings<R> {
         {
             return answer.clone();
         }
-        let mut body = BytesMut::new();
+        let mut body = BytesMut::zeroed(PREFIX);
         for record in records {
             let key = Arc::as_ptr(record) as usize;
             let (_, item) = state
@@ -100,7 +122,7 @@ impl<R> Encodings<R> {
                 .or_insert_with(|| (record.clone(), encode(record)));
             prost::encoding::bytes::encode(1, item, &mut body);
         }
-        let answer = EncodedList(body.freeze());
+        let answer = EncodedList::framed(body);
         if unfiltered {
             state.last = Some((records.to_vec(), answer.clone()));
         }
@@ -179,7 +201,7 @@ impl Lists {
 }
 
 fn decode<M: Message + Default>(encoded: &EncodedList) -> Result<M, Status> {
-    M::decode(encoded.0.as_ref())
+    M::decode(encoded.message())
         .map_err(|e| Status::internal(format!("decoding a kept list encoding: {e}")))
 }
 
@@ -268,20 +290,14 @@ fn decode_request<Q: Message + Default>(message: &[u8]) -> Result<Q, Status> {
 }
 
 /// A successful unary response carrying `answer`. The answer's bytes are
-/// the body's second frame as they are: h2 writes them from there.
+/// the body's frame as they are: h2 writes them from there.
 fn grpc_response(answer: EncodedList) -> http::Response<Body> {
-    let Ok(len) = u32::try_from(answer.0.len()) else {
+    if u32::try_from(answer.message().len()).is_err() {
         return Status::resource_exhausted("the answer is larger than gRPC can frame").into_http();
-    };
-    let mut prefix = [0u8; PREFIX];
-    prefix[1..].copy_from_slice(&len.to_be_bytes());
+    }
     let mut trailers = http::HeaderMap::new();
     trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-    let frames = [
-        Frame::data(Bytes::copy_from_slice(&prefix)),
-        Frame::data(answer.0),
-        Frame::trailers(trailers),
-    ];
+    let frames = [Frame::data(answer.0), Frame::trailers(trailers)];
     let body = StreamBody::new(futures_util::stream::iter(frames.map(Ok::<_, Infallible>)));
     let mut response = http::Response::new(Body::new(body));
     response.headers_mut().insert(
@@ -310,7 +326,7 @@ mod tests {
             #[prost(string, repeated, tag = "1")]
             items: Vec<String>,
         }
-        Items::decode(answer.0.as_ref()).expect("decodes").items
+        Items::decode(answer.message()).expect("decodes").items
     }
 
     #[test]
@@ -396,7 +412,7 @@ mod tests {
         let decoded: ListContainersResponse = decode(&answer).expect("decodes");
         assert_eq!(decoded.containers, containers);
         assert_eq!(
-            answer.0.as_ref(),
+            answer.message(),
             ListContainersResponse { containers }.encode_to_vec()
         );
 
@@ -447,21 +463,41 @@ mod tests {
         assert_eq!(empty.code(), tonic::Code::InvalidArgument);
     }
 
+    /// The body's frames: the data frames' bytes, and the trailers.
+    async fn frames(response: http::Response<Body>) -> (Vec<Bytes>, Option<http::HeaderMap>) {
+        let mut body = response.into_body();
+        let (mut data, mut trailers) = (Vec::new(), None);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.expect("frame");
+            match frame.into_data() {
+                Ok(bytes) => data.push(bytes),
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+        (data, trailers)
+    }
+
     #[tokio::test]
-    async fn an_answer_goes_out_in_grpc_framing_with_status_ok() {
-        let answer = EncodedList(Bytes::from_static(b"\x0a\x01x"));
-        let response = grpc_response(answer.clone());
-        assert_eq!(
-            response.headers()[http::header::CONTENT_TYPE],
-            "application/grpc"
-        );
-        let collected = response.into_body().collect().await.expect("body");
-        assert_eq!(
-            collected.trailers().and_then(|t| t.get("grpc-status")),
-            Some(&http::HeaderValue::from_static("0"))
-        );
-        let bytes = collected.to_bytes();
-        assert_eq!(&bytes[..PREFIX], &[0, 0, 0, 0, 3]);
-        assert_eq!(&bytes[PREFIX..], answer.0.as_ref());
+    async fn an_answer_goes_out_in_one_grpc_frame_with_status_ok() {
+        let names = [Arc::new("x".to_string())];
+        for listed in [&names[..], &[]] {
+            let answer = Encodings::new().of(listed, true, encode_name);
+            let response = grpc_response(answer.clone());
+            assert_eq!(
+                response.headers()[http::header::CONTENT_TYPE],
+                "application/grpc"
+            );
+            let (data, trailers) = frames(response).await;
+            // Also for an empty list: no empty frame, which h2 clients count.
+            assert_eq!(data.len(), 1, "{data:?}");
+            let len = u32::try_from(answer.message().len()).expect("small");
+            assert_eq!(data[0][0], 0, "not compressed");
+            assert_eq!(data[0][1..PREFIX], len.to_be_bytes());
+            assert_eq!(&data[0][PREFIX..], answer.message());
+            assert_eq!(
+                trailers.as_ref().and_then(|t| t.get("grpc-status")),
+                Some(&http::HeaderValue::from_static("0"))
+            );
+        }
     }
 }
