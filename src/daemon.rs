@@ -85,6 +85,8 @@ pub enum DaemonError {
     Network(#[from] NetworkError),
     #[error("recover pod sandboxes: {0}")]
     Sandboxes(#[from] SandboxError),
+    #[error("{0}")]
+    Pause(#[from] crate::sandbox::infra::InfraError),
     #[error("containers: {0}")]
     Containers(#[from] ContainerError),
     #[error("start async runtime: {0}")]
@@ -143,12 +145,14 @@ impl Daemon {
                 None
             }
         };
+        let pause = crate::sandbox::infra::install_pause(&config.root)?;
         let sandboxes = Arc::new(SandboxManager::new(
             store.clone(),
             &config.state,
             network.clone(),
             cgroups.clone(),
             config.sandbox.shm_size_bytes,
+            pause,
         ));
         let containers = ContainerManager::new(
             store.clone(),

@@ -231,6 +231,35 @@ async fn a_daemon_whose_binary_was_replaced_still_runs_pods_containers_and_execs
     let id = rig.run(&pod, container("target", &busybox, SLEEPER)).await;
     assert_eq!(rig.exec_ok(&id, &["echo", "still"]).await, "still\n");
 
+    // A shared PID namespace has berth's pause as PID 1, bound from the
+    // daemon's own binary, not from the path it was started from.
+    let shared = NamespaceOption {
+        pid: NamespaceMode::Pod as i32,
+        ..namespaces()
+    };
+    let mut config = rig.pod_config("shared");
+    if let Some(sc) = config
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+    {
+        sc.namespace_options = Some(shared.clone());
+    }
+    let pod = rig.run_pod(config).await;
+    let mut sharing = container("sharing", &busybox, SLEEPER);
+    if let Some(sc) = sharing
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+    {
+        sc.namespace_options = Some(shared);
+    }
+    let id = rig.run(&pod, sharing).await;
+    assert_eq!(
+        rig.exec_ok(&id, &["cat", "/proc/1/cmdline"]).await,
+        "/pause\0pause\0"
+    );
+
     rig.finish().await;
 }
 

@@ -52,6 +52,45 @@ pub fn pause() -> ExitCode {
     }
 }
 
+/// Makes `root`/pause the binary this daemon runs, for the infra
+/// containers to bind as their `/pause`. The path the daemon was started
+/// from may name another binary after an upgrade, or none; the bind is
+/// made in the container's mount namespace, where `/proc/self/exe` (a
+/// mount of the daemon's namespace) cannot be its source. So the daemon's
+/// own inode gets a name under its root at start: a hard link, or a copy
+/// where the root is on another filesystem or the binary was deleted.
+/// Pods running keep the binary their bind holds.
+pub fn install_pause(root: &Path) -> Result<PathBuf, InfraError> {
+    let target = root.join("pause");
+    let fresh = root.join("pause.new");
+    let io = |op, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| InfraError::Io { op, path, source }
+    };
+    match std::fs::remove_file(&fresh) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("remove", &fresh)(e)),
+        _ => {}
+    }
+    let own = Path::new("/proc/self/exe");
+    // Through the magic link: the inode this process runs, whatever its
+    // path names now.
+    let linked = nix::unistd::linkat(
+        nix::fcntl::AT_FDCWD,
+        own,
+        nix::fcntl::AT_FDCWD,
+        &fresh,
+        nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+    );
+    if linked.is_err() {
+        // Done before the daemon starts any process, so no child can
+        // inherit the copy's write descriptor and make its exec fail
+        // (ETXTBSY).
+        std::fs::copy(own, &fresh).map_err(io("copy", &fresh))?;
+    }
+    std::fs::rename(&fresh, &target).map_err(io("rename", &target))?;
+    Ok(target)
+}
+
 /// Where the infra process's files live inside the pod directory.
 pub struct InfraPaths {
     pub bundle: PathBuf,
@@ -73,15 +112,11 @@ impl InfraPaths {
 /// PID namespace; returns its pid (in the host's PID namespace).
 pub async fn start(
     paths: &InfraPaths,
+    pause: &Path,
     pod_id: &str,
     namespaces: &[(&str, PathBuf)],
     cgroup_procs: Vec<PathBuf>,
 ) -> Result<u32, InfraError> {
-    let exe = std::env::current_exe().map_err(|source| InfraError::Io {
-        op: "find own binary",
-        path: PathBuf::from("/proc/self/exe"),
-        source,
-    })?;
     let rootfs = paths.bundle.join("rootfs");
     let pause_target = rootfs.join("pause");
     for (op, result) in [
@@ -98,7 +133,7 @@ pub async fn start(
     // come from the host, read-only. On merged-/usr hosts /lib and /lib64
     // are links into /usr; elsewhere they are bound too.
     let mut mounts = vec![
-        serde_json::json!({"destination": "/pause", "type": "bind", "source": exe, "options": ["rbind", "ro", "nosuid", "nodev"]}),
+        serde_json::json!({"destination": "/pause", "type": "bind", "source": pause, "options": ["rbind", "ro", "nosuid", "nodev"]}),
         serde_json::json!({"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro", "nosuid", "nodev"]}),
     ];
     for dir in ["lib", "lib64"] {

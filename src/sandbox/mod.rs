@@ -178,6 +178,8 @@ pub struct SandboxManager {
     locks: KeyedLocks,
     /// The size of each pod's `/dev/shm` (`[sandbox] shm_size_bytes`).
     shm_bytes: u64,
+    /// The binary infra containers run as `/pause` (`infra::install_pause`).
+    pause: PathBuf,
 }
 
 /// containerd's `DefaultSandboxCPUshares`: the pause process only reaps.
@@ -211,9 +213,11 @@ impl SandboxManager {
         network: Arc<Network>,
         cgroups: Option<CgroupManager>,
         shm_bytes: u64,
+        pause: PathBuf,
     ) -> Self {
         SandboxManager {
             shm_bytes,
+            pause,
             records: Cached::new(store, Kind::Pod),
             pods_dir: state.join("pods"),
             state_dir: state.to_path_buf(),
@@ -406,7 +410,7 @@ impl SandboxManager {
                 .collect();
             let procs = self.infra_cgroup(pod).await?;
             let paths = infra::InfraPaths::new(&dir, &self.state_dir, &pod.id);
-            pod.infra_pid = Some(infra::start(&paths, &pod.id, &pins, procs).await?);
+            pod.infra_pid = Some(infra::start(&paths, &self.pause, &pod.id, &pins, procs).await?);
             self.put(pod).await?;
         }
 
