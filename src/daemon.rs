@@ -85,8 +85,6 @@ pub enum DaemonError {
     Network(#[from] NetworkError),
     #[error("recover pod sandboxes: {0}")]
     Sandboxes(#[from] SandboxError),
-    #[error("{0}")]
-    Pause(#[from] crate::sandbox::infra::InfraError),
     #[error("containers: {0}")]
     Containers(#[from] ContainerError),
     #[error("start async runtime: {0}")]
@@ -145,7 +143,17 @@ impl Daemon {
                 None
             }
         };
-        let pause = crate::sandbox::infra::install_pause(&config.root)?;
+        let pause = match crate::sandbox::infra::install_pause(&config.root) {
+            Ok(path) => path,
+            Err(e) => {
+                // Pods with a shared PID namespace then fail once the
+                // binary at that path is replaced or removed.
+                let path =
+                    std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+                warn!(binary = %path.display(), "{e}: infra containers bind the binary's path instead");
+                path
+            }
+        };
         let sandboxes = Arc::new(SandboxManager::new(
             store.clone(),
             &config.state,

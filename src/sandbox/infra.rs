@@ -57,9 +57,10 @@ pub fn pause() -> ExitCode {
 /// from may name another binary after an upgrade, or none; the bind is
 /// made in the container's mount namespace, where `/proc/self/exe` (a
 /// mount of the daemon's namespace) cannot be its source. So the daemon's
-/// own inode gets a name under its root at start: a hard link, or a copy
-/// where the root is on another filesystem or the binary was deleted.
-/// Pods running keep the binary their bind holds.
+/// own inode gets a name under its root at start: a hard link, which needs
+/// the root on the binary's filesystem (the caller falls back to the
+/// binary's path otherwise; a copy would cost the root the binary's size
+/// at every start). Pods running keep the binary their bind holds.
 pub fn install_pause(root: &Path) -> Result<PathBuf, InfraError> {
     let target = root.join("pause");
     let fresh = root.join("pause.new");
@@ -67,26 +68,24 @@ pub fn install_pause(root: &Path) -> Result<PathBuf, InfraError> {
         let path = path.to_path_buf();
         move |source| InfraError::Io { op, path, source }
     };
-    match std::fs::remove_file(&fresh) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("remove", &fresh)(e)),
-        _ => {}
+    for stale in [&fresh, &target] {
+        match std::fs::remove_file(stale) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io("remove", stale)(e));
+            }
+            _ => {}
+        }
     }
-    let own = Path::new("/proc/self/exe");
     // Through the magic link: the inode this process runs, whatever its
     // path names now.
-    let linked = nix::unistd::linkat(
+    nix::unistd::linkat(
         nix::fcntl::AT_FDCWD,
-        own,
+        "/proc/self/exe",
         nix::fcntl::AT_FDCWD,
         &fresh,
         nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
-    );
-    if linked.is_err() {
-        // Done before the daemon starts any process, so no child can
-        // inherit the copy's write descriptor and make its exec fail
-        // (ETXTBSY).
-        std::fs::copy(own, &fresh).map_err(io("copy", &fresh))?;
-    }
+    )
+    .map_err(|errno| io("link the daemon's binary as", &fresh)(errno.into()))?;
     std::fs::rename(&fresh, &target).map_err(io("rename", &target))?;
     Ok(target)
 }
