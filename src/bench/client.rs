@@ -18,7 +18,7 @@ use k8s_cri::v1::{
     ListPodSandboxRequest, ListPodSandboxResponse, PodSandboxConfig, PodSandboxFilter,
     PodSandboxStatusRequest, PullImageRequest, RemoveContainerRequest, RemoveImageRequest,
     RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StatusRequest,
-    StopContainerRequest, StopPodSandboxRequest, VersionRequest,
+    StopContainerRequest, StopPodSandboxRequest, VersionRequest, VersionResponse,
 };
 use prost::Message;
 use serde::Serialize;
@@ -244,25 +244,23 @@ impl Conn {
 
     /// (runtime name, runtime version).
     pub async fn version(&mut self) -> Result<(String, String), Failure> {
-        let call = self.runtime.version(request(
-            VersionRequest {
-                version: "v1".to_string(),
-            },
-            self.timeout,
-        ));
-        let (v, _) = timed("Version", self.timeout, call).await?;
+        let (v, _) = self.version_answer().await?;
         Ok((v.runtime_name, v.runtime_version))
     }
 
     /// Version, timed.
     pub async fn version_timed(&mut self) -> Result<Duration, Failure> {
+        Ok(self.version_answer().await?.1)
+    }
+
+    async fn version_answer(&mut self) -> Result<(VersionResponse, Duration), Failure> {
         let call = self.runtime.version(request(
             VersionRequest {
                 version: "v1".to_string(),
             },
             self.timeout,
         ));
-        Ok(timed("Version", self.timeout, call).await?.1)
+        timed("Version", self.timeout, call).await
     }
 
     /// Status without verbose, as kubelet asks it.

@@ -92,7 +92,8 @@ impl Scenario {
         }
     }
 
-    fn makes_pods(self) -> bool {
+    /// Pulls the image and runs warm-up pods first.
+    pub fn makes_pods(self) -> bool {
         !matches!(self, Scenario::Pull | Scenario::Idle)
     }
 

@@ -138,7 +138,7 @@ impl Report {
 
     pub fn to_text(&self) -> String {
         let mut out = String::new();
-        let warm = if self.warmup > 0 && !matches!(self.scenario, Scenario::Pull | Scenario::Idle) {
+        let warm = if self.warmup > 0 && self.scenario.makes_pods() {
             format!(" (+{} warm-up)", self.warmup)
         } else {
             String::new()
