@@ -363,9 +363,18 @@ fn resolve_in(records: &[ImageRecord], name: &str) -> Result<Option<ImageRecord>
 }
 
 /// Bytes (allocated blocks) and inodes under `dir`; hard links counted once.
+/// Bytes and inodes of the files under `dir`, each hard-linked file once
+/// and, as `du -x` counts, nothing on another filesystem. A running
+/// container's `rootfs` is an overlay mount over the image's layers (counted
+/// with the image) and its `upper` directory (counted beside it): walking
+/// into the mounts counted each image once per container, and took 1.25 s
+/// at 1000 containers for ImageFsInfo, which kubelet asks every few seconds.
 pub(crate) fn disk_usage(dir: &Path) -> DiskUsage {
     use std::os::unix::fs::MetadataExt;
     let mut usage = DiskUsage::default();
+    let Ok(top) = std::fs::symlink_metadata(dir) else {
+        return usage;
+    };
     let mut seen = BTreeSet::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(path) = stack.pop() {
@@ -376,6 +385,9 @@ pub(crate) fn disk_usage(dir: &Path) -> DiskUsage {
             let Ok(meta) = entry.metadata() else {
                 continue;
             };
+            if meta.dev() != top.dev() {
+                continue;
+            }
             if meta.nlink() > 1 && !meta.is_dir() && !seen.insert((meta.dev(), meta.ino())) {
                 continue;
             }
@@ -448,6 +460,38 @@ mod tests {
         assert_eq!(id_of("busybox:other"), None);
         assert_eq!(id_of("cccc"), None);
         assert_eq!(id_of(""), None);
+    }
+
+    #[test]
+    fn disk_usage_stops_at_mount_points() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: mounting tmpfs needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("own"), vec![1u8; 8192]).expect("write");
+        let mounted = dir.path().join("rootfs");
+        std::fs::create_dir(&mounted).expect("mkdir");
+        nix::mount::mount(
+            Some("tmpfs"),
+            &mounted,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount tmpfs");
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        let _unmount = Unmount(&mounted);
+        std::fs::write(mounted.join("big"), vec![1u8; 1 << 20]).expect("write");
+
+        let usage = disk_usage(dir.path());
+        assert_eq!(usage.inodes, 1, "only `own`: {usage:?}");
+        assert!(usage.bytes >= 8192 && usage.bytes < 1 << 20, "{usage:?}");
     }
 
     #[test]
