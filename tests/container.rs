@@ -2,8 +2,8 @@
 //! reasons, CRI logs, ExecSync, stop and remove semantics, the image's USER
 //! and the security context as a process inside sees them, bind mounts,
 //! cgroup limits and OOM, env/args/working dir against the image config,
-//! list filters, name conflicts, and containers outliving a daemon killed
-//! with SIGKILL.
+//! list filters, stats and ImageFsInfo's writable layers, name conflicts,
+//! and containers outliving a daemon killed with SIGKILL.
 //!
 //! Every test has its own daemon, and its pods are hostNetwork (the network
 //! is not under test here) with their own cgroup parent. A [`Rig`] removes
@@ -1332,6 +1332,112 @@ async fn list_containers_filters_by_id_prefix_pod_state_and_labels() {
         .expect_err("unknown container");
     assert_eq!(unknown.code(), tonic::Code::NotFound);
     assert_eq!(rig.status(&a1[..12]).await.id, a1, "status by id prefix");
+
+    rig.finish().await;
+}
+
+#[tokio::test]
+async fn stats_list_each_pods_running_containers_and_image_fs_counts_writable_layers_only() {
+    let Some(mut rig) = Rig::start().await else {
+        return;
+    };
+    let busybox = rig.pull("busybox").await;
+    let pod_a = rig.pod("statsa").await;
+    let pod_b = rig.pod("statsb").await;
+    let a1 = rig.run(&pod_a, container("a1", &busybox, SLEEPER)).await;
+    let _a2 = rig.create(&pod_a, container("a2", &busybox, SLEEPER)).await;
+    let b1 = rig.run(&pod_b, container("b1", &busybox, SLEEPER)).await;
+    let ids = |stats: &[ContainerStats]| {
+        let mut ids: Vec<String> = stats
+            .iter()
+            .filter_map(|s| s.attributes.as_ref().map(|a| a.id.clone()))
+            .collect();
+        ids.sort();
+        ids
+    };
+    let pod_containers = |stats: &PodSandboxStats| {
+        let linux = stats.linux.as_ref().expect("linux pod stats");
+        assert!(linux.memory.is_some(), "pod memory");
+        ids(&linux.containers)
+    };
+
+    let mut listed = rig
+        .rt()
+        .list_pod_sandbox_stats(ListPodSandboxStatsRequest::default())
+        .await
+        .expect("ListPodSandboxStats")
+        .into_inner()
+        .stats;
+    listed.sort_by_key(|s| s.attributes.as_ref().map(|a| a.id.clone()));
+    let by_pod: Vec<(String, Vec<String>)> = listed
+        .iter()
+        .map(|s| {
+            let id = s.attributes.as_ref().expect("attributes").id.clone();
+            (id, pod_containers(s))
+        })
+        .collect();
+    let mut expected = vec![
+        (pod_a.clone(), vec![a1.clone()]),
+        (pod_b.clone(), vec![b1.clone()]),
+    ];
+    expected.sort();
+    assert_eq!(by_pod, expected, "only running containers, each in its pod");
+    let one = rig
+        .rt()
+        .pod_sandbox_stats(PodSandboxStatsRequest {
+            pod_sandbox_id: pod_a.clone(),
+        })
+        .await
+        .expect("PodSandboxStats")
+        .into_inner()
+        .stats
+        .expect("stats");
+    assert_eq!(pod_containers(&one), vec![a1.clone()]);
+    let containers = rig
+        .rt()
+        .list_container_stats(ListContainerStatsRequest::default())
+        .await
+        .expect("ListContainerStats")
+        .into_inner()
+        .stats;
+    let mut running = vec![a1.clone(), b1.clone()];
+    running.sort();
+    assert_eq!(ids(&containers), running);
+
+    // Each of the three containers has its rootfs mounted: walked into,
+    // each mount would count the image's files again.
+    let image_size = rig
+        .image_client
+        .clone()
+        .image_status(ImageStatusRequest {
+            image: Some(ImageSpec {
+                image: busybox.clone(),
+                ..ImageSpec::default()
+            }),
+            verbose: false,
+        })
+        .await
+        .expect("ImageStatus")
+        .into_inner()
+        .image
+        .expect("image")
+        .size;
+    let info = rig
+        .image_client
+        .clone()
+        .image_fs_info(ImageFsInfoRequest {})
+        .await
+        .expect("ImageFsInfo")
+        .into_inner();
+    let writable = info.container_filesystems[0]
+        .used_bytes
+        .as_ref()
+        .expect("used bytes")
+        .value;
+    assert!(
+        writable < image_size,
+        "three writable layers take {writable} bytes, less than the image's {image_size}"
+    );
 
     rig.finish().await;
 }

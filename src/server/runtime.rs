@@ -384,7 +384,11 @@ impl RuntimeService for Runtime {
     ) -> Result<Response<PodSandboxStatsResponse>, Status> {
         let id = request.into_inner().pod_sandbox_id;
         let pod = self.daemon.sandboxes.get(&id).await?;
-        let stats = stats::pod(&self.daemon, &pod).await?;
+        let running = stats::running_by_pod(&self.daemon.containers)
+            .await?
+            .remove(&pod.id)
+            .unwrap_or_default();
+        let stats = stats::pod(&self.daemon, &pod, &running).await?;
         Ok(Response::new(PodSandboxStatsResponse {
             stats: Some(stats),
         }))
@@ -396,6 +400,7 @@ impl RuntimeService for Runtime {
     ) -> Result<Response<ListPodSandboxStatsResponse>, Status> {
         let filter = request.into_inner().filter.unwrap_or_default();
         let mut stats = Vec::new();
+        let running = stats::running_by_pod(&self.daemon.containers).await?;
         for pod in self.daemon.sandboxes.all().await? {
             if pod.state != crate::sandbox::PodState::Ready
                 || (!filter.id.is_empty() && !pod.id.starts_with(&filter.id))
@@ -403,7 +408,8 @@ impl RuntimeService for Runtime {
             {
                 continue;
             }
-            stats.push(stats::pod(&self.daemon, &pod).await?);
+            let containers = running.get(&pod.id).map_or(&[][..], Vec::as_slice);
+            stats.push(stats::pod(&self.daemon, &pod, containers).await?);
         }
         Ok(Response::new(ListPodSandboxStatsResponse { stats }))
     }

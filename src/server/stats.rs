@@ -1,6 +1,9 @@
 //! Container and pod statistics: cgroup counters, CPU rate, writable layer
 //! and pod network usage, in the CRI's shapes (cadvisor's meanings).
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use k8s_cri::v1::*;
 use tonic::Status;
 
@@ -88,12 +91,29 @@ pub async fn list_containers(
     Ok(out)
 }
 
-pub async fn pod(daemon: &Daemon, pod: &PodRecord) -> Result<PodSandboxStats, Status> {
-    let mut containers = Vec::new();
-    for c in daemon.containers.all().await? {
-        if c.pod_id == pod.id && c.state == crate::container::ContainerState::Running {
-            containers.push(container(&daemon.containers, &c).await?);
+/// The running containers of each pod, by pod id, from one listing: per
+/// pod, a listing of every container made ListPodSandboxStats quadratic.
+pub async fn running_by_pod(
+    manager: &ContainerManager,
+) -> Result<HashMap<String, Vec<Arc<ContainerRecord>>>, Status> {
+    let mut by_pod: HashMap<String, Vec<Arc<ContainerRecord>>> = HashMap::new();
+    for c in manager.all().await? {
+        if c.state == crate::container::ContainerState::Running {
+            by_pod.entry(c.pod_id.clone()).or_default().push(c);
         }
+    }
+    Ok(by_pod)
+}
+
+/// The stats of `pod`, whose running containers are `running`.
+pub async fn pod(
+    daemon: &Daemon,
+    pod: &PodRecord,
+    running: &[Arc<ContainerRecord>],
+) -> Result<PodSandboxStats, Status> {
+    let mut containers = Vec::with_capacity(running.len());
+    for c in running {
+        containers.push(container(&daemon.containers, c).await?);
     }
     let timestamp = crate::ids::now_ns();
     // The pod cgroup holds all its containers: kubelet's or berth's.
