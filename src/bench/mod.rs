@@ -219,7 +219,13 @@ pub fn run(args: &BenchArgs) -> Result<bool, BenchError> {
     }
     // Before the runtime starts its threads.
     crate::monitor::footprint::tune_bench_allocator();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One thread: the client's half of a call (its h2 connection task and
+    // the caller) stays on one CPU instead of waking a second one for each
+    // answer. On two cores the second thread added 20-100 us to every call
+    // of either runtime and competed with the daemons for CPU
+    // (docs/performance.md, session 9). Concurrent clients (churn) are
+    // futures joined in one task either way.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(BenchError::Runtime)?;
