@@ -172,13 +172,22 @@ impl Drop for DetachGuard<'_> {
         if self.pods.is_empty() {
             return;
         }
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        for pod in &self.pods {
-            let _ = runtime.block_on(self.network.detach(pod));
-        }
+        // On a thread of its own: the test's runtime is running here, and a
+        // runtime started inside it panics, which during a failing test's
+        // unwinding aborted it before the other guards ran.
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                for pod in &self.pods {
+                    let _ = runtime.block_on(self.network.detach(pod));
+                }
+            });
+        });
     }
 }
 
@@ -336,6 +345,78 @@ async fn builtin_pods_talk_and_host_port_on_loopback_then_detach_leaves_nothing(
     let again = network.attach(&a).await.expect("attach again");
     network.detach(&a).await.expect("detach again");
     assert!(!again.ips.is_empty());
+}
+
+/// Runs `script` with `ip -force -batch -`; true if every line worked.
+fn ip_batch(script: &str) -> bool {
+    let Ok(mut child) = Command::new("ip")
+        .args(["-force", "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    let written = child
+        .stdin
+        .take()
+        .is_some_and(|mut stdin| stdin.write_all(script.as_bytes()).is_ok());
+    child.wait().is_ok_and(|status| status.success()) && written
+}
+
+#[tokio::test]
+async fn builtin_attach_to_a_full_bridge_says_so_and_leaves_nothing() {
+    require!(false);
+    let n = unique();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bridge = format!("btf{n}");
+    let table = format!("berth_test_{n}");
+    let _host = HostGuard {
+        bridge: bridge.clone(),
+        nft_table: Some(table.clone()),
+    };
+    // A Linux bridge takes 1023 ports (port numbers below the kernel's
+    // BR_MAX_PORTS, 1024, but 0). veth pairs fill it (the test kernel has
+    // no dummy links), down and carrying nothing. Their other ends are in a
+    // namespace of the test's, whose end takes all of them at once (deleted
+    // one by one, they took 17 s).
+    let ports_ns = NetnsPin::create(tmp.path(), "ports");
+    let mut script = format!("link add {bridge} type bridge\n");
+    for i in 0..1023 {
+        script.push_str(&format!(
+            "link add bfv{n}x{i} master {bridge} type veth peer name p{i} netns {}\n",
+            ports_ns.path.display()
+        ));
+    }
+    assert!(ip_batch(&script), "make a bridge with 1023 ports");
+    assert_eq!(bridge_ports(&bridge).len(), 1023);
+    let config = NetworkConfig {
+        mode: NetworkMode::Builtin,
+        cni_conf_dir: tmp.path().join("net.d"),
+        pod_cidr: format!("10.232.{n}.0/24").parse().expect("cidr"),
+        bridge: bridge.clone(),
+        nft_table: table.clone(),
+        masquerade: false,
+        ..NetworkConfig::default()
+    };
+    let store = Store::open(&tmp.path().join("root")).expect("store");
+    let network = Network::new(&config, &tmp.path().join("root"), tmp.path(), store.clone())
+        .expect("network");
+    let ns = NetnsPin::create(tmp.path(), "full");
+    let pod = request(&format!("full-{n}"), &ns.path, Vec::new());
+    let mut guard = DetachGuard {
+        network: &network,
+        pods: vec![pod.clone()],
+    };
+
+    let err = network.attach(&pod).await.expect_err("the bridge is full");
+    assert!(err.to_string().contains("has 1023 ports"), "{err}");
+    assert!(!link_exists(&berth::network::builtin_host_veth_name(
+        &pod.pod_id
+    )));
+    let ipam: Vec<(String, serde_json::Value)> = store.list(Kind::Ipam).expect("list ipam");
+    assert!(ipam.is_empty(), "the address is given back: {ipam:?}");
+    guard.pods.clear();
 }
 
 /// A conflist for Debian's plugins with this test's bridge, subnet and

@@ -277,11 +277,21 @@ impl Builtin {
                 .add(veth)
                 .execute()
                 .await
-                .map_err(netlink(format!(
-                    "create veth {} with {POD_INTERFACE} in {}",
-                    record.host_veth,
-                    req.netns.display()
-                )))?;
+                .map_err(|e| match errno(&e) {
+                    // Port numbers are below the kernel's BR_MAX_PORTS (1024)
+                    // and not 0; the kernel's own words are
+                    // "Exchange full".
+                    Some(libc::EXFULL) => NetworkError::Builtin(format!(
+                        "bridge {} has 1023 ports, the most a Linux bridge takes: \
+                         the built-in network holds at most 1023 pods on a node",
+                        record.bridge
+                    )),
+                    _ => netlink(format!(
+                        "create veth {} with {POD_INTERFACE} in {}",
+                        record.host_veth,
+                        req.netns.display()
+                    ))(e),
+                })?;
             if let Some(tbf) = &ingress {
                 // What leaves the host end enters the pod.
                 let index = link_index(&handle, &record.host_veth)
