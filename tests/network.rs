@@ -228,6 +228,23 @@ fn ipv4(ips: &[IpAddr]) -> IpAddr {
     *ips.iter().find(|ip| ip.is_ipv4()).expect("an IPv4 address")
 }
 
+/// The built-in network on a test's bridge, nftables table and pod CIDR,
+/// with its store and files under `dir`.
+fn builtin_network(dir: &Path, cidr: &str, bridge: &str, table: &str) -> (Store, Network) {
+    let config = NetworkConfig {
+        mode: NetworkMode::Builtin,
+        cni_conf_dir: dir.join("net.d"),
+        pod_cidr: cidr.parse().expect("cidr"),
+        bridge: bridge.to_string(),
+        nft_table: table.to_string(),
+        masquerade: false,
+        ..NetworkConfig::default()
+    };
+    let store = Store::open(&dir.join("root")).expect("store");
+    let network = Network::new(&config, &dir.join("root"), dir, store.clone()).expect("network");
+    (store, network)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builtin_pods_talk_and_host_port_on_loopback_then_detach_leaves_nothing() {
     require!(false);
@@ -239,18 +256,8 @@ async fn builtin_pods_talk_and_host_port_on_loopback_then_detach_leaves_nothing(
         bridge: bridge.clone(),
         nft_table: Some(table.clone()),
     };
-    let config = NetworkConfig {
-        mode: NetworkMode::Builtin,
-        cni_conf_dir: tmp.path().join("net.d"),
-        pod_cidr: format!("10.231.{n}.0/24").parse().expect("cidr"),
-        bridge: bridge.clone(),
-        nft_table: table.clone(),
-        masquerade: false,
-        ..NetworkConfig::default()
-    };
-    let store = Store::open(&tmp.path().join("root")).expect("store");
-    let network = Network::new(&config, &tmp.path().join("root"), tmp.path(), store.clone())
-        .expect("network");
+    let (store, network) =
+        builtin_network(tmp.path(), &format!("10.231.{n}.0/24"), &bridge, &table);
     assert!(network.readiness().ready, "{:?}", network.readiness());
 
     let a_ns = NetnsPin::create(tmp.path(), "a");
@@ -390,18 +397,8 @@ async fn builtin_attach_to_a_full_bridge_says_so_and_leaves_nothing() {
     }
     assert!(ip_batch(&script), "make a bridge with 1023 ports");
     assert_eq!(bridge_ports(&bridge).len(), 1023);
-    let config = NetworkConfig {
-        mode: NetworkMode::Builtin,
-        cni_conf_dir: tmp.path().join("net.d"),
-        pod_cidr: format!("10.232.{n}.0/24").parse().expect("cidr"),
-        bridge: bridge.clone(),
-        nft_table: table.clone(),
-        masquerade: false,
-        ..NetworkConfig::default()
-    };
-    let store = Store::open(&tmp.path().join("root")).expect("store");
-    let network = Network::new(&config, &tmp.path().join("root"), tmp.path(), store.clone())
-        .expect("network");
+    let (store, network) =
+        builtin_network(tmp.path(), &format!("10.232.{n}.0/24"), &bridge, &table);
     let ns = NetnsPin::create(tmp.path(), "full");
     let pod = request(&format!("full-{n}"), &ns.path, Vec::new());
     let mut guard = DetachGuard {
