@@ -362,13 +362,13 @@ fn resolve_in(records: &[ImageRecord], name: &str) -> Result<Option<ImageRecord>
     Ok(None)
 }
 
-/// Bytes (allocated blocks) and inodes under `dir`; hard links counted once.
-/// Bytes and inodes of the files under `dir`, each hard-linked file once
-/// and, as `du -x` counts, nothing on another filesystem. A running
-/// container's `rootfs` is an overlay mount over the image's layers (counted
-/// with the image) and its `upper` directory (counted beside it): walking
-/// into the mounts counted each image once per container, and took 1.25 s
-/// at 1000 containers for ImageFsInfo, which kubelet asks every few seconds.
+/// Bytes (allocated blocks) and inodes of the files under `dir`, each
+/// hard-linked file once and, as `du -x` counts, nothing on another
+/// filesystem. A running container's `rootfs` is an overlay mount over the
+/// image's layers (counted with the image) and its `upper` directory
+/// (counted beside it): walking into the mounts counted each image once per
+/// container, and took 1.25 s at 1000 containers for ImageFsInfo, which
+/// kubelet asks every few seconds.
 pub(crate) fn disk_usage(dir: &Path) -> DiskUsage {
     use std::os::unix::fs::MetadataExt;
     let mut usage = DiskUsage::default();
