@@ -3,15 +3,17 @@
 //! directory and renamed into place only when complete and verified, so a
 //! directory under its chain ID is always a whole layer.
 
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
 
 use crate::image::digest::Digest;
+use crate::image::store::{DiskUsage, disk_usage};
 use crate::image::unpack::{self, Compression, Limits, UnpackError};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,9 @@ struct Inner {
     dir: PathBuf,
     tmp: PathBuf,
     counter: AtomicU64,
+    /// The usage of each layer walked so far: a layer never changes once
+    /// unpacked, and its chain ID names its content.
+    usage: Mutex<HashMap<Digest, DiskUsage>>,
 }
 
 impl LayerStore {
@@ -83,6 +88,7 @@ impl LayerStore {
                 dir,
                 tmp,
                 counter: AtomicU64::new(0),
+                usage: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -204,10 +210,45 @@ impl LayerStore {
             .collect())
     }
 
-    /// The directory holding all layers, for usage accounting.
-    pub fn dir(&self) -> &Path {
-        &self.inner.dir
+    /// Bytes and inodes of every unpacked layer, each layer's directory
+    /// included. Each layer is walked once, the first time it is counted:
+    /// walking them all on every ImageFsInfo, which kubelet asks every few
+    /// seconds, costs ~2 us per file (`du -s` walks /usr's 148 418 inodes in
+    /// 0.33 s here), and a node's images hold hundreds of thousands.
+    /// Blocking.
+    pub fn usage(&self) -> Result<DiskUsage, LayerError> {
+        let present: HashSet<Digest> = self.list()?.into_iter().collect();
+        let mut known = self
+            .inner
+            .usage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        known.retain(|chain_id, _| present.contains(chain_id));
+        let mut total = DiskUsage::default();
+        for chain_id in present {
+            let layer = match known.get(&chain_id) {
+                Some(layer) => *layer,
+                None => match layer_usage(&self.path(&chain_id)) {
+                    Some(layer) => *known.entry(chain_id).or_insert(layer),
+                    None => continue,
+                },
+            };
+            total.bytes += layer.bytes;
+            total.inodes += layer.inodes;
+        }
+        Ok(total)
     }
+}
+
+/// A layer's files and its directory; `None` if it was deleted before the
+/// walk ended (what was counted is not kept then).
+fn layer_usage(dir: &Path) -> Option<DiskUsage> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir).ok()?;
+    let mut usage = disk_usage(dir);
+    usage.bytes += meta.blocks() * 512;
+    usage.inodes += 1;
+    dir.is_dir().then_some(usage)
 }
 
 /// Removed on drop unless it was renamed away.
@@ -382,6 +423,51 @@ mod tests {
         store.delete(&diff).expect("delete");
         store.delete(&diff).expect("delete again");
         assert!(!store.contains(&diff));
+    }
+
+    #[test]
+    fn usage_walks_each_layer_once_and_forgets_deleted_ones() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: unpacking layers needs root (ownership, devices)");
+            return;
+        }
+        let root = tempfile::tempdir().expect("tempdir");
+        let store = LayerStore::open(root.path()).expect("open");
+        let unpack = |files: &[(&str, &[u8])]| {
+            let tar = tar_of(files);
+            let diff = Digest::of(&tar);
+            store
+                .unpack(
+                    &tar[..],
+                    Compression::None,
+                    &ids(&diff, &diff),
+                    &limits(),
+                    || Ok(()),
+                )
+                .expect("unpack");
+            diff
+        };
+        assert_eq!(store.usage().expect("usage"), DiskUsage::default());
+        let a = unpack(&[("etc/a", &[1u8; 8192])]);
+        let one = store.usage().expect("usage");
+        // The layer's directory, etc and etc/a.
+        assert_eq!(one.inodes, 3, "{one:?}");
+        assert_eq!(one, disk_usage(store.inner.dir.as_path()));
+
+        // Kept, not walked again: a file added behind the store's back
+        // (layers never change) is not seen.
+        std::fs::write(store.path(&a).join("etc/b"), [1u8; 8192]).expect("write");
+        assert_eq!(store.usage().expect("usage"), one);
+
+        let b = unpack(&[("usr/b", &[2u8; 4096])]);
+        let two = store.usage().expect("usage");
+        assert_eq!(two.inodes, one.inodes + 3, "{two:?}");
+        store.delete(&a).expect("delete");
+        let left = store.usage().expect("usage");
+        assert_eq!(left.inodes, 3, "{left:?}");
+        assert_eq!(left, disk_usage(store.inner.dir.as_path()));
+        store.delete(&b).expect("delete");
+        assert_eq!(store.usage().expect("usage"), DiskUsage::default());
     }
 
     #[test]

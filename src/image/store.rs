@@ -271,7 +271,7 @@ impl ImageStore {
         let this = self.clone();
         blocking(move || {
             let content = this.content.usage()?;
-            let layers = disk_usage(this.layers.dir());
+            let layers = this.layers.usage()?;
             let containers = disk_usage(&this.root.join("containers"));
             Ok((
                 DiskUsage {
