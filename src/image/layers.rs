@@ -395,15 +395,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn verified_layer_appears_under_its_chain_id() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipping: unpacking layers needs root (ownership, devices)");
-            return;
-        }
-        let root = tempfile::tempdir().expect("tempdir");
-        let store = LayerStore::open(root.path()).expect("open");
-        let tar = tar_of(&[("etc/hello", b"hi")]);
+    /// A layer of `files`, unpacked and verified: its chain ID, the size
+    /// `unpack` gave and the tar's length.
+    fn unpacked(store: &LayerStore, files: &[(&str, &[u8])]) -> (Digest, u64, u64) {
+        let tar = tar_of(files);
         let diff = Digest::of(&tar);
         let size = store
             .unpack(
@@ -414,7 +409,19 @@ mod tests {
                 || Ok(()),
             )
             .expect("unpack");
-        assert_eq!(size, tar.len() as u64);
+        (diff, size, tar.len() as u64)
+    }
+
+    #[test]
+    fn verified_layer_appears_under_its_chain_id() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: unpacking layers needs root (ownership, devices)");
+            return;
+        }
+        let root = tempfile::tempdir().expect("tempdir");
+        let store = LayerStore::open(root.path()).expect("open");
+        let (diff, size, tar_len) = unpacked(&store, &[("etc/hello", b"hi")]);
+        assert_eq!(size, tar_len);
         assert_eq!(
             std::fs::read(store.path(&diff).join("etc/hello")).expect("read"),
             b"hi"
@@ -433,20 +440,7 @@ mod tests {
         }
         let root = tempfile::tempdir().expect("tempdir");
         let store = LayerStore::open(root.path()).expect("open");
-        let unpack = |files: &[(&str, &[u8])]| {
-            let tar = tar_of(files);
-            let diff = Digest::of(&tar);
-            store
-                .unpack(
-                    &tar[..],
-                    Compression::None,
-                    &ids(&diff, &diff),
-                    &limits(),
-                    || Ok(()),
-                )
-                .expect("unpack");
-            diff
-        };
+        let unpack = |files: &[(&str, &[u8])]| unpacked(&store, files).0;
         assert_eq!(store.usage().expect("usage"), DiskUsage::default());
         let a = unpack(&[("etc/a", &[1u8; 8192])]);
         let one = store.usage().expect("usage");
