@@ -15,6 +15,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use berth::config::{NetworkConfig, NetworkMode};
 use berth::network::{Network, PodNetworkRequest, PortMapping, Protocol};
 use berth::store::{Kind, Store};
@@ -172,21 +174,10 @@ impl Drop for DetachGuard<'_> {
         if self.pods.is_empty() {
             return;
         }
-        // On a thread of its own: the test's runtime is running here, and a
-        // runtime started inside it panics, which during a failing test's
-        // unwinding aborted it before the other guards ran.
-        std::thread::scope(|scope| {
-            scope.spawn(|| {
-                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                else {
-                    return;
-                };
-                for pod in &self.pods {
-                    let _ = runtime.block_on(self.network.detach(pod));
-                }
-            });
+        common::block_on_own_thread(async {
+            for pod in &self.pods {
+                let _ = self.network.detach(pod).await;
+            }
         });
     }
 }

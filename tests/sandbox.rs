@@ -740,21 +740,14 @@ impl Drop for PodsGuard {
             return;
         }
         // Drop runs on a runtime thread: the removal gets its own.
-        let removal = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("cleanup runtime");
-            runtime.block_on(async {
-                let mut client = RuntimeServiceClient::new(common::connect(&socket).await);
-                for id in ids {
-                    let _ = client
-                        .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id })
-                        .await;
-                }
-            });
+        common::block_on_own_thread(async {
+            let mut client = RuntimeServiceClient::new(common::connect(&socket).await);
+            for id in ids {
+                let _ = client
+                    .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id })
+                    .await;
+            }
         });
-        let _ = removal.join();
     }
 }
 

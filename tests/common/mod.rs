@@ -224,6 +224,31 @@ pub async fn connect(path: &Path) -> Channel {
         .expect("connect to berth socket")
 }
 
+/// Runs `future` on a runtime and thread of its own; `None` if the runtime
+/// could not start or the future panicked. For clean-up in `Drop`, which may
+/// run inside the test's runtime: a runtime started there panics, and during
+/// a failing test's unwinding that aborts the test binary before its other
+/// guards run.
+pub fn block_on_own_thread<F>(future: F) -> Option<F::Output>
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .ok()?;
+                Some(runtime.block_on(future))
+            })
+            .join()
+            .ok()
+            .flatten()
+    })
+}
+
 /// Runs `berth` with `args` to completion: (status, stdout, stderr).
 pub fn run_berth(args: &[&str]) -> (ExitStatus, String, String) {
     let out = Command::new(berth_bin())

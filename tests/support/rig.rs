@@ -509,19 +509,12 @@ impl Drop for Rig {
         }
         // A failed test: remove what it made through the daemon, from a
         // thread of its own (this one may be inside the test's runtime).
-        let socket = self.daemon.socket.clone();
-        let outcome = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("cleanup runtime");
-            runtime.block_on(async {
-                tokio::time::timeout(Duration::from_secs(120), remove_everything(&socket)).await
-            })
-        })
-        .join();
+        let socket = &self.daemon.socket;
+        let outcome = common::block_on_own_thread(async {
+            tokio::time::timeout(Duration::from_secs(120), remove_everything(socket)).await
+        });
         match outcome {
-            Ok(Ok(errors)) if errors.is_empty() => {}
+            Some(Ok(errors)) if errors.is_empty() => {}
             other => eprintln!("cleanup through the CRI failed: {other:?}"),
         }
         // What the daemon could not remove goes by force, so that a failed
