@@ -797,6 +797,53 @@ async fn readonly_rootfs_refuses_writes_to_the_root() {
 }
 
 #[tokio::test]
+async fn rootfs_leaves_the_daemons_mount_table_once_the_container_holds_it() {
+    let Some(mut rig) = Rig::start().await else {
+        return;
+    };
+    let busybox = rig.pull("busybox").await;
+    let pod = rig.pod("detached").await;
+    let id = rig
+        .create(&pod, container("detached", &busybox, SLEEPER))
+        .await;
+    let snapshot = rig.base().join("root/containers").join(&id);
+    let rootfs = snapshot.join("rootfs");
+    within(
+        "the daemon's rootfs mount to go",
+        Duration::from_secs(10),
+        async {
+            while mounts_under(&snapshot).contains(&rootfs) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+
+    // Only the daemon's copy went: the container starts on its rootfs,
+    // reads the image's files and writes to its own writable layer.
+    rig.start_container(&id).await;
+    let passwd = rig.exec_ok(&id, &["cat", "/etc/passwd"]).await;
+    assert!(passwd.starts_with("root:"), "{passwd}");
+    rig.exec_ok(&id, &["sh", "-c", "echo kept > /written"])
+        .await;
+    assert_eq!(
+        std::fs::read_to_string(snapshot.join("upper/written")).expect("upper/written"),
+        "kept\n"
+    );
+    let mountinfo = rig.exec_ok(&id, &["cat", "/proc/self/mountinfo"]).await;
+    let root = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/"))
+        .unwrap_or_default();
+    assert!(root.contains(" - overlay "), "{mountinfo}");
+
+    rig.stop(&id, 0).await;
+    rig.remove(&id).await;
+    assert!(!snapshot.exists(), "{snapshot:?} is left");
+    rig.finish().await;
+}
+
+#[tokio::test]
 async fn runtime_default_seccomp_blocks_unshare_and_unconfined_does_not() {
     let Some(mut rig) = Rig::start().await else {
         return;
@@ -1404,8 +1451,9 @@ async fn stats_list_each_pods_running_containers_and_image_fs_counts_writable_la
     running.sort();
     assert_eq!(ids(&containers), running);
 
-    // Each of the three containers has its rootfs mounted: walked into,
-    // each mount would count the image's files again.
+    // Walked into, a rootfs mount would count the image's files again
+    // (the daemon detaches its copies once containers hold them, and the
+    // walk does not cross mounts either; see `disk_usage`'s unit test).
     let image_size = rig
         .image_client
         .clone()

@@ -759,6 +759,17 @@ impl ContainerManager {
         container.state = ContainerState::Created;
         let (spawned, saved) = tokio::join!(monitor::spawn(&monitor_config), self.put(container));
         container.pid = spawned?;
+        // The init has pivoted into the rootfs: the daemon's mount of it is
+        // no longer needed (see `Snapshots::detach`). At 1000 pods those
+        // mounts were a fifth of the table each CreateContainer copies. In
+        // the background, as the unmount waits for the kernel's RCU grace
+        // period; a RemoveContainer meanwhile unmounts the same way.
+        let (snapshots, id) = (self.snapshots.clone(), container.id.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = snapshots.detach(&id) {
+                tracing::warn!(container = %id, "{e}");
+            }
+        });
         saved?;
         // The pid is not saved: the monitor writes it to the bundle, where
         // `reconcile` finds it after a restart; StartContainer saves it.

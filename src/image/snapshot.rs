@@ -112,21 +112,29 @@ impl Snapshots {
         Ok(mount)
     }
 
+    /// Takes the container's rootfs out of this mount namespace. Once the
+    /// container's init has pivoted into it, the overlay lives on in the
+    /// container's own namespace and goes when that does; the copy here is
+    /// only weight, since every new container's namespace copies this
+    /// namespace's whole mount table. Not mounted (again, or never) is not
+    /// an error. Blocking.
+    pub fn detach(&self, id: &str) -> Result<(), SnapshotError> {
+        let target = self.container_dir(id)?.join("rootfs");
+        match rustix::mount::unmount(&target, rustix::mount::UnmountFlags::DETACH) {
+            Ok(()) | Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOENT) => Ok(()),
+            Err(errno) => Err(SnapshotError::Mount {
+                target,
+                op: "unmount",
+                errno,
+            }),
+        }
+    }
+
     /// Unmounts and deletes the container's writable layer; a container
     /// without one is not an error. Blocking.
     pub fn remove(&self, id: &str) -> Result<(), SnapshotError> {
         let dir = self.container_dir(id)?;
-        let target = dir.join("rootfs");
-        match rustix::mount::unmount(&target, rustix::mount::UnmountFlags::DETACH) {
-            Ok(()) | Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOENT) => {}
-            Err(errno) => {
-                return Err(SnapshotError::Mount {
-                    target,
-                    op: "unmount",
-                    errno,
-                });
-            }
-        }
+        self.detach(id)?;
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
