@@ -84,6 +84,9 @@ struct ExecHelperArgs {
 struct NsPinArgs {
     #[arg(long)]
     dir: PathBuf,
+    /// The pinned mount namespace to make the pins in.
+    #[arg(long)]
+    mount_ns: PathBuf,
     #[arg(long)]
     net: bool,
     #[arg(long)]
@@ -276,7 +279,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                 hostname: args.hostname.clone(),
                 sysctls,
             };
-            crate::sandbox::namespaces::pin_main(&args.dir, &request)?;
+            crate::sandbox::namespaces::pin_main(&args.dir, &args.mount_ns, &request)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => Ok(if crate::bench::run(args)? {

@@ -30,6 +30,8 @@ use crate::image::snapshot::Snapshots;
 use crate::image::store::{ImageError, ImageStore};
 use crate::monitor::footprint;
 use crate::network::{Network, NetworkError, Readiness};
+use crate::sandbox::namespaces::PinError;
+use crate::sandbox::pin_ns::PinNamespace;
 use crate::sandbox::{SandboxError, SandboxManager};
 use crate::store::{Kind, Store, StoreError};
 use crate::streaming::{StreamingError, StreamingServer};
@@ -83,6 +85,8 @@ pub enum DaemonError {
     Images(#[from] ImageError),
     #[error("pod network: {0}")]
     Network(#[from] NetworkError),
+    #[error("pod namespace pins: {0}")]
+    Pins(#[from] PinError),
     #[error("recover pod sandboxes: {0}")]
     Sandboxes(#[from] SandboxError),
     #[error("containers: {0}")]
@@ -161,6 +165,7 @@ impl Daemon {
             cgroups.clone(),
             config.sandbox.shm_size_bytes,
             pause,
+            PinNamespace::open(&config.state)?,
         ));
         let containers = ContainerManager::new(
             store.clone(),
@@ -355,6 +360,11 @@ async fn serve(daemon: Arc<Daemon>, socket: &Path) -> Result<(), DaemonError> {
             warn!("calls still open after {SHUTDOWN_GRACE:?}; closing them");
             server.abort();
         }
+    }
+    // Pods outlive the daemon, and their pins with them; with no pod left
+    // the pins' namespace goes too, so a stopped daemon leaves no mount.
+    if let Err(e) = daemon.sandboxes.release_pins_if_unused().await {
+        warn!("release the pins' mount namespace: {e}");
     }
     Ok(())
 }

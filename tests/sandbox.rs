@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::{Options, TestDaemon};
+use common::{Options, TestDaemon, pin_mounts};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use nix::sys::signal::Signal;
@@ -138,8 +138,14 @@ fn ip_of(status: &PodSandboxStatusResponse) -> String {
 }
 
 fn netns_of(status: &PodSandboxStatusResponse) -> Option<PathBuf> {
+    namespace_of(status, "netns")
+}
+
+/// A namespace pin of the pod in its verbose info (`netns`, `ipcns`,
+/// `utsns`).
+fn namespace_of(status: &PodSandboxStatusResponse, key: &str) -> Option<PathBuf> {
     let info: serde_json::Value = serde_json::from_str(status.info.get("info")?).ok()?;
-    info["netns"].as_str().map(PathBuf::from)
+    info[key].as_str().map(PathBuf::from)
 }
 
 fn host_interface_of(status: &PodSandboxStatusResponse) -> Option<String> {
@@ -245,7 +251,10 @@ async fn builtin_network_pod_is_ready_with_its_namespaces_and_files() {
         "{resolv}"
     );
     let uts = Command::new("nsenter")
-        .arg(format!("--uts={}", pod_dir.join("ns/uts").display()))
+        .arg(format!(
+            "--uts={}",
+            namespace_of(&st, "utsns").expect("utsns").display()
+        ))
         .arg("hostname")
         .output()
         .expect("nsenter");
@@ -426,7 +435,11 @@ async fn host_network_pod_gets_no_network_namespace() {
     let st = status(&mut client, &id).await.expect("status");
     assert_eq!(ip_of(&st), "");
     assert_eq!(netns_of(&st), None);
-    assert!(!daemon.state.join("pods").join(&id).join("ns/net").exists());
+    let pins = pin_mounts(daemon.pid().as_raw().unsigned_abs());
+    assert!(
+        pins.iter().all(|p| !p.ends_with("net")),
+        "a host-network pod has no netns pin: {pins:?}"
+    );
     rmp(&mut client, &id).await;
 }
 
@@ -467,6 +480,8 @@ async fn stop_and_remove_are_idempotent_and_leave_nothing() {
     assert!(!netns.exists(), "netns pin removed");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     assert!(!mounts.contains(&id), "mount of the pod left: {id}");
+    let pins = pin_mounts(daemon.pid().as_raw().unsigned_abs());
+    assert!(pins.is_empty(), "pins of the pod left: {pins:?}");
 }
 
 #[tokio::test]
@@ -628,6 +643,69 @@ async fn pods_survive_a_daemon_killed_with_sigkill_and_are_cleaned_up_after() {
     stopp(&mut client, &id).await;
     rmp(&mut client, &id).await;
     assert!(!link_exists(&veth));
+}
+
+/// nsfs mounts under `dir` in the host's mount table.
+fn host_nsfs_mounts_under(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .filter(|l| l.contains(" - nsfs "))
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|m| m.starts_with(dir))
+        .collect()
+}
+
+#[tokio::test]
+async fn pins_stay_out_of_the_hosts_mount_table_and_their_namespace_goes_with_the_daemon() {
+    if !root_or_skip() {
+        return;
+    }
+    let net = TestNet::new();
+    let mut daemon = TestDaemon::start_with(Options {
+        config_toml: net.builtin_config(),
+        ..Options::default()
+    });
+    let mut client = daemon.runtime().await;
+    let id = runp(&mut client, pod_config("apart"))
+        .await
+        .expect("RunPodSandbox");
+    let st = status(&mut client, &id).await.expect("status");
+
+    // The host's table has one pin of berth's: the pins' mount namespace.
+    let pin_of_pins = daemon.state.join(common::PINS);
+    assert_eq!(
+        host_nsfs_mounts_under(&daemon.state),
+        vec![pin_of_pins.clone()]
+    );
+    let pid = daemon.pid().as_raw().unsigned_abs();
+    let mut pins = pin_mounts(pid);
+    pins.sort();
+    let expected: Vec<PathBuf> = ["ipc", "net", "uts"]
+        .iter()
+        .map(|kind| Path::new("/").join(&id).join(kind))
+        .collect();
+    assert_eq!(pins, expected);
+    // Every process reaches them through the daemon's thread in there.
+    let netns = netns_of(&st).expect("netns");
+    assert!(netns.starts_with(format!("/proc/{pid}/task/")), "{netns:?}");
+    let ip = in_netns(&netns, &["ip", "-o", "addr"])
+        .output()
+        .expect("nsenter");
+    assert!(
+        String::from_utf8_lossy(&ip.stdout).contains(&ip_of(&st)),
+        "{}",
+        String::from_utf8_lossy(&ip.stdout)
+    );
+
+    stopp(&mut client, &id).await;
+    rmp(&mut client, &id).await;
+    assert!(pin_mounts(pid).is_empty(), "{:?}", pin_mounts(pid));
+    // With no pod left, a daemon that stops takes the namespace with it.
+    assert!(daemon.stop().success());
+    assert!(host_nsfs_mounts_under(&daemon.state).is_empty());
+    assert!(!pin_of_pins.exists());
 }
 
 #[tokio::test]

@@ -836,10 +836,10 @@ impl ContainerManager {
             config: &container.config,
             sandbox: &pod.config,
             pod_namespaces: spec::PodNamespaces {
-                net: pod.namespace_path("net"),
-                ipc: pod.namespace_path("ipc"),
-                uts: pod.namespace_path("uts"),
-                pid: pod.namespace_path("pid"),
+                net: self.sandboxes.namespace_path(pod, "net"),
+                ipc: self.sandboxes.namespace_path(pod, "ipc"),
+                uts: self.sandboxes.namespace_path(pod, "uts"),
+                pid: self.sandboxes.namespace_path(pod, "pid"),
                 target_pid: None,
             },
             pod_files: spec::PodFiles {

@@ -1,6 +1,6 @@
 //! Pod sandboxes: the namespaces, cgroup, files and network a pod's
 //! containers share. No pause image and no process: namespaces are pinned
-//! by bind mounts under `<state>/pods/<id>/ns/`.
+//! by bind mounts, in a mount namespace of their own (`pin_ns`).
 //!
 //! The record is written before anything is made (state `Creating`) so a
 //! crash at any step is undone on the next start; every step of
@@ -10,6 +10,7 @@
 pub mod files;
 pub mod infra;
 pub mod namespaces;
+pub mod pin_ns;
 pub mod resources;
 
 use std::collections::HashMap;
@@ -33,6 +34,7 @@ use crate::network::{
 use crate::store::{Cached, Kind, Store, StoreError};
 use files::{Dns, FilesError};
 use namespaces::{PinError, PinRequest};
+use pin_ns::PinNamespace;
 
 /// Runtime handler names that mean berth's own executor.
 pub const HANDLERS: &[&str] = &["", "berth"];
@@ -93,6 +95,10 @@ pub struct PodRecord {
     pub created_at: i64,
     pub dir: PathBuf,
     pub namespaces: PinRecord,
+    /// The pins are in the pins' own mount namespace (`pin_ns`). Pods made
+    /// by berth before it have theirs under `dir/ns` in the daemon's.
+    #[serde(default)]
+    pub pins_apart: bool,
     pub network: Option<NetworkRecord>,
     /// The pod cgroup, when berth made it (kubelet usually has). Only such
     /// a cgroup gets the request's resources and overhead ([`resources`]).
@@ -136,23 +142,6 @@ impl PodRecord {
             .unwrap_or_default()
     }
 
-    /// The pinned namespace file of `kind` (`net`, `ipc`, `uts`), if the pod
-    /// has its own.
-    pub fn namespace_path(&self, kind: &str) -> Option<PathBuf> {
-        if kind == "pid" {
-            return self
-                .infra_pid
-                .map(|pid| PathBuf::from(format!("/proc/{pid}/ns/pid")));
-        }
-        let own = match kind {
-            "net" => self.namespaces.net,
-            "ipc" => self.namespaces.ipc,
-            "uts" => self.namespaces.uts,
-            _ => false,
-        };
-        own.then(|| self.dir.join("ns").join(kind))
-    }
-
     fn pin_request(&self) -> PinRequest {
         PinRequest {
             net: self.namespaces.net,
@@ -180,6 +169,7 @@ pub struct SandboxManager {
     shm_bytes: u64,
     /// The binary infra containers run as `/pause` (`infra::install_pause`).
     pause: PathBuf,
+    pins: Arc<PinNamespace>,
 }
 
 /// containerd's `DefaultSandboxCPUshares`: the pause process only reaps.
@@ -214,10 +204,12 @@ impl SandboxManager {
         cgroups: Option<CgroupManager>,
         shm_bytes: u64,
         pause: PathBuf,
+        pins: PinNamespace,
     ) -> Self {
         SandboxManager {
             shm_bytes,
             pause,
+            pins: Arc::new(pins),
             records: Cached::new(store, Kind::Pod),
             pods_dir: state.join("pods"),
             state_dir: state.to_path_buf(),
@@ -266,6 +258,43 @@ impl SandboxManager {
         Ok(self.records.put(&pod.id, pod).await?)
     }
 
+    /// The pinned namespace file of `kind` (`net`, `ipc`, `uts`), if the pod
+    /// has its own, or its infra process's `pid` namespace.
+    pub fn namespace_path(&self, pod: &PodRecord, kind: &str) -> Option<PathBuf> {
+        if kind == "pid" {
+            return pod
+                .infra_pid
+                .map(|pid| PathBuf::from(format!("/proc/{pid}/ns/pid")));
+        }
+        let own = match kind {
+            "net" => pod.namespaces.net,
+            "ipc" => pod.namespaces.ipc,
+            "uts" => pod.namespaces.uts,
+            _ => false,
+        };
+        let dir = if pod.pins_apart {
+            self.pins.pod_dir(&pod.id)
+        } else {
+            pod.dir.join("ns")
+        };
+        own.then(|| dir.join(kind))
+    }
+
+    /// The pod's network namespace pin (pods on the host's network have
+    /// none and never ask).
+    fn netns(&self, pod: &PodRecord) -> PathBuf {
+        self.namespace_path(pod, "net").unwrap_or_default()
+    }
+
+    /// Releases the pins' mount namespace when no pod is left: for a
+    /// daemon that stops.
+    pub async fn release_pins_if_unused(&self) -> Result<(), SandboxError> {
+        if self.all().await?.is_empty() {
+            self.pins.release()?;
+        }
+        Ok(())
+    }
+
     /// RunPodSandbox.
     pub async fn run(
         self: &Arc<Self>,
@@ -287,6 +316,7 @@ impl SandboxManager {
                 ipc: pins.ipc,
                 uts: pins.uts,
             },
+            pins_apart: true,
             network: None,
             created_cgroup: None,
             shm: None,
@@ -352,8 +382,8 @@ impl SandboxManager {
         })
         .await??;
 
-        let ns_dir = dir.join("ns");
-        blocking(move || namespaces::pin(&ns_dir, &pins)).await??;
+        let (pin_ns, id) = (self.pins.clone(), pod.id.clone());
+        blocking(move || pin_ns.pin(&id, &pins)).await??;
 
         if let Some(cgroups) = &self.cgroups {
             let parent = pod.cgroup_parent();
@@ -406,7 +436,7 @@ impl SandboxManager {
         if shares_pid(&pod.config) {
             let pins: Vec<(&str, PathBuf)> = ["net", "ipc", "uts"]
                 .into_iter()
-                .filter_map(|kind| pod.namespace_path(kind).map(|p| (kind, p)))
+                .filter_map(|kind| self.namespace_path(pod, kind).map(|p| (kind, p)))
                 .collect();
             let procs = self.infra_cgroup(pod).await?;
             let paths = infra::InfraPaths::new(&dir, &self.state_dir, &pod.id);
@@ -417,7 +447,7 @@ impl SandboxManager {
         if pod.namespaces.net {
             let request = PodNetworkRequest {
                 bandwidth: shaping,
-                ..network_request(pod)
+                ..network_request(pod, self.netns(pod))
             };
             let status = self.network.attach(&request).await?;
             pod.network = Some(record_of(status));
@@ -430,12 +460,19 @@ impl SandboxManager {
     async fn teardown(&self, pod: &PodRecord) -> Result<(), SandboxError> {
         infra::stop(&infra::InfraPaths::new(&pod.dir, &self.state_dir, &pod.id)).await;
         if pod.namespaces.net {
-            self.network.detach(&network_request(pod)).await?;
+            self.network
+                .detach(&network_request(pod, self.netns(pod)))
+                .await?;
         }
         let (dir, pins) = (pod.dir.clone(), pod.pin_request());
+        let (pin_ns, id, apart) = (self.pins.clone(), pod.id.clone(), pod.pins_apart);
         blocking(move || -> Result<(), SandboxError> {
             files::unmount_shm(&dir)?;
-            namespaces::unpin(&dir.join("ns"), &pins)?;
+            if apart {
+                pin_ns.unpin(&id, &pins)?;
+            } else {
+                namespaces::unpin(&dir.join("ns"), &pins)?;
+            }
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -470,7 +507,9 @@ impl SandboxManager {
         let mut pod = self.get(&pod.id).await?;
         infra::stop(&infra::InfraPaths::new(&pod.dir, &self.state_dir, &pod.id)).await;
         if pod.namespaces.net {
-            self.network.detach(&network_request(&pod)).await?;
+            self.network
+                .detach(&network_request(&pod, self.netns(&pod)))
+                .await?;
         }
         let dir = pod.dir.clone();
         blocking(move || files::unmount_shm(&dir)).await??;
@@ -583,14 +622,14 @@ fn record_of(status: PodNetworkStatus) -> NetworkRecord {
     }
 }
 
-fn network_request(pod: &PodRecord) -> PodNetworkRequest {
+fn network_request(pod: &PodRecord, netns: PathBuf) -> PodNetworkRequest {
     let metadata = pod.config.metadata.clone().unwrap_or_default();
     PodNetworkRequest {
         pod_id: pod.id.clone(),
         name: metadata.name,
         namespace: metadata.namespace,
         uid: metadata.uid,
-        netns: pod.dir.join("ns").join("net"),
+        netns,
         port_mappings: pod
             .config
             .port_mappings

@@ -78,24 +78,27 @@ impl PinRequest {
     }
 }
 
-/// Makes the namespaces by running `berth ns-pin` and waiting for it.
-/// Blocking. On failure nothing is left pinned.
-pub fn pin(dir: &Path, request: &PinRequest) -> Result<Vec<(&'static str, PathBuf)>, PinError> {
+/// Makes the namespaces by running `berth ns-pin` and waiting for it; the
+/// helper pins them in `dir`, inside the mount namespace pinned at
+/// `mount_ns` (see `pin_ns`). Blocking. A failed helper may leave some
+/// pins: the caller removes them.
+pub fn run_pin_helper(dir: &Path, mount_ns: &Path, request: &PinRequest) -> Result<(), PinError> {
     request.check_sysctls()?;
-    std::fs::create_dir_all(dir).map_err(|source| PinError::Io {
-        op: "create",
-        path: dir.to_path_buf(),
-        source,
-    })?;
     if request.flags().is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
     // Fix: the path `current_exe` names is gone once the binary is
     // replaced (a package upgrade before the daemon's restart), and every
     // RunPodSandbox failed with ENOENT; /proc/self/exe still runs this
     // daemon's own binary, as the zygote does.
     let exe = Path::new("/proc/self/exe");
-    let mut args: Vec<OsString> = vec!["ns-pin".into(), "--dir".into(), dir.into()];
+    let mut args: Vec<OsString> = vec![
+        "ns-pin".into(),
+        "--mount-ns".into(),
+        mount_ns.into(),
+        "--dir".into(),
+        dir.into(),
+    ];
     for (flag, wanted) in [
         ("--net", request.net),
         ("--ipc", request.ipc),
@@ -123,17 +126,18 @@ pub fn pin(dir: &Path, request: &PinRequest) -> Result<Vec<(&'static str, PathBu
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let message = stderr.trim().trim_start_matches("berth: ");
-        unpin(dir, request)?;
         return Err(PinError::Helper(if message.is_empty() {
             format!("berth ns-pin exited with {}", output.status)
         } else {
             message.to_string()
         }));
     }
-    Ok(request.pins(dir))
+    Ok(())
 }
 
-/// Removes the pins; missing ones are fine, so this is idempotent.
+/// Removes pins made in the daemon's own mount namespace, as berth did
+/// before `pin_ns` (pods from then keep theirs there); missing ones are
+/// fine, so this is idempotent.
 pub fn unpin(dir: &Path, request: &PinRequest) -> Result<(), PinError> {
     for (_, path) in request.pins(dir) {
         unpin_one(&path)?;
@@ -141,7 +145,7 @@ pub fn unpin(dir: &Path, request: &PinRequest) -> Result<(), PinError> {
     Ok(())
 }
 
-fn unpin_one(path: &Path) -> Result<(), PinError> {
+pub(super) fn unpin_one(path: &Path) -> Result<(), PinError> {
     match nix::mount::umount2(path, MntFlags::MNT_DETACH) {
         Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
         Err(errno) => {
@@ -163,7 +167,8 @@ fn unpin_one(path: &Path) -> Result<(), PinError> {
 }
 
 /// The body of `berth ns-pin`: runs in a fresh single-threaded process.
-pub fn pin_main(dir: &Path, request: &PinRequest) -> Result<(), PinError> {
+/// The pins go in `dir`, inside the mount namespace pinned at `mount_ns`.
+pub fn pin_main(dir: &Path, mount_ns: &Path, request: &PinRequest) -> Result<(), PinError> {
     let flags = request.flags();
     let planned = {
         let map = request.sysctls.iter().cloned().collect();
@@ -182,6 +187,20 @@ pub fn pin_main(dir: &Path, request: &PinRequest) -> Result<(), PinError> {
     // /proc/sys/net and the IPC keys read the namespaces of the process
     // writing them: ours, now.
     sysctl::apply(&planned)?;
+    let file = std::fs::File::open(mount_ns).map_err(|source| PinError::Io {
+        op: "open",
+        path: mount_ns.to_path_buf(),
+        source,
+    })?;
+    nix::sched::setns(file, CloneFlags::CLONE_NEWNS).map_err(|errno| PinError::Sys {
+        op: format!("join the mount namespace {}", mount_ns.display()),
+        errno,
+    })?;
+    std::fs::create_dir_all(dir).map_err(|source| PinError::Io {
+        op: "create",
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let mut made = Vec::new();
     let result = (|| {
         for (name, path) in request.pins(dir) {

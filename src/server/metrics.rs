@@ -544,7 +544,7 @@ async fn pod_sandbox(
     let mut metrics = Vec::new();
     // A hostNetwork pod has no interfaces of its own: the node's are not
     // the pod's, so it has no network metrics.
-    if let Some(netns) = pod.namespace_path("net") {
+    if let Some(netns) = daemon.sandboxes.namespace_path(&pod, "net") {
         match daemon.network.stats(&netns).await {
             Ok(interfaces) => {
                 let now = crate::ids::now_ns();

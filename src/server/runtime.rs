@@ -204,7 +204,11 @@ impl RuntimeService for Runtime {
     ) -> Result<Response<PodSandboxStatusResponse>, Status> {
         let request = request.into_inner();
         let pod = self.daemon.sandboxes.get(&request.pod_sandbox_id).await?;
-        Ok(Response::new(sandbox::status(&pod, request.verbose)?))
+        Ok(Response::new(sandbox::status(
+            &self.daemon.sandboxes,
+            &pod,
+            request.verbose,
+        )?))
     }
 
     async fn list_pod_sandbox(
@@ -482,7 +486,9 @@ async fn event_response(daemon: &Daemon, event: crate::events::Event) -> Contain
         EventKind::Deleted => ContainerEventType::ContainerDeletedEvent,
     };
     let pod_sandbox_status = match daemon.sandboxes.get(&event.pod_id).await {
-        Ok(pod) => sandbox::status(&pod, false).ok().and_then(|r| r.status),
+        Ok(pod) => sandbox::status(&daemon.sandboxes, &pod, false)
+            .ok()
+            .and_then(|r| r.status),
         Err(_) => None,
     };
     let containers_statuses = match daemon.containers.listed().await {

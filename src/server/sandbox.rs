@@ -39,7 +39,11 @@ pub async fn run(
     })
 }
 
-pub fn status(pod: &PodRecord, verbose: bool) -> Result<PodSandboxStatusResponse, Status> {
+pub fn status(
+    sandboxes: &SandboxManager,
+    pod: &PodRecord,
+    verbose: bool,
+) -> Result<PodSandboxStatusResponse, Status> {
     let network = pod.network.as_ref().map(|n| {
         let mut ips = n.ips.iter().map(ToString::to_string);
         PodSandboxNetworkStatus {
@@ -50,9 +54,9 @@ pub fn status(pod: &PodRecord, verbose: bool) -> Result<PodSandboxStatusResponse
     let mut info = HashMap::new();
     if verbose {
         let details = serde_json::json!({
-            "netns": pod.namespace_path("net"),
-            "ipcns": pod.namespace_path("ipc"),
-            "utsns": pod.namespace_path("uts"),
+            "netns": sandboxes.namespace_path(pod, "net"),
+            "ipcns": sandboxes.namespace_path(pod, "ipc"),
+            "utsns": sandboxes.namespace_path(pod, "uts"),
             "cniResult": pod.network.as_ref().map(|n| &n.result),
             "runtimeHandler": pod.runtime_handler,
             "config": pod.config,

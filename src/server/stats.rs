@@ -136,7 +136,7 @@ pub async fn pod(
         ..ContainerUsage::default()
     };
     let (cpu, memory, _) = cpu_and_memory(&usage);
-    let network = match pod.namespace_path("net") {
+    let network = match daemon.sandboxes.namespace_path(pod, "net") {
         Some(netns) => {
             let interfaces: Vec<NetworkInterfaceUsage> = daemon
                 .network

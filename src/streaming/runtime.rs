@@ -82,7 +82,7 @@ impl Runtime for DaemonRuntime {
         Box::pin(async move {
             let pod = sandboxes.get(&pod_id).await.map_err(|e| e.to_string())?;
             let connect = move || connect_localhost(port);
-            let stream = match pod.namespace_path("net") {
+            let stream = match sandboxes.namespace_path(&pod, "net") {
                 Some(netns) => {
                     crate::network::netns::run_in(&netns.clone(), "port-forward", move || {
                         connect().map_err(|message| crate::network::NetworkError::Netns {

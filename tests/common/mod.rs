@@ -206,7 +206,36 @@ impl Drop for TestDaemon {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A daemon that stops cleanly with no pod left releases the pins'
+        // mount namespace itself; a killed one leaves it, as it leaves pods.
+        let _ = nix::mount::umount2(&self.state.join(PINS), nix::mount::MntFlags::MNT_DETACH);
     }
+}
+
+/// The pin of the daemon's pins' mount namespace in its state directory
+/// (`sandbox::pin_ns`).
+pub const PINS: &str = "pins";
+
+/// The mount points in the pins' mount namespace of the daemon `pid`, but
+/// its own `/` and `/proc`: the pods' namespace pins. They are read through
+/// the daemon's thread in that namespace, `berth-pins`.
+pub fn pin_mounts(pid: u32) -> Vec<PathBuf> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == "berth-pins" {
+            return std::fs::read_to_string(task.path().join("mountinfo"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter(|m| !matches!(*m, "/" | "/proc"))
+                .map(PathBuf::from)
+                .collect();
+        }
+    }
+    Vec::new()
 }
 
 /// A gRPC channel over the unix socket at `path`.

@@ -766,11 +766,21 @@ pub fn leftovers(base: &Path, parents: &[String], daemon_pid: Option<i32>) -> Ve
         .filter(|p| Some(p.pid) != daemon_pid && p.state != 'Z')
         .map(|p| format!("process {} {}", p.pid, p.cmdline))
         .collect();
+    // The daemon's pin of the pins' mount namespace is there while it runs;
+    // the pins in that namespace are the pods'.
     left.extend(
         mounts_under(base)
             .into_iter()
+            .filter(|m| !m.ends_with(Path::new("state").join(common::PINS)))
             .map(|m| format!("mount {}", m.display())),
     );
+    if let Some(pid) = daemon_pid.and_then(|p| u32::try_from(p).ok()) {
+        left.extend(
+            common::pin_mounts(pid)
+                .into_iter()
+                .map(|m| format!("pin {}", m.display())),
+        );
+    }
     for parent in parents {
         left.extend(
             cgroup_dirs(parent)
