@@ -844,6 +844,41 @@ async fn rootfs_leaves_the_daemons_mount_table_once_the_container_holds_it() {
 }
 
 #[tokio::test]
+async fn without_a_log_directory_the_output_is_read_and_dropped() {
+    let Some(mut rig) = Rig::start().await else {
+        return;
+    };
+    let busybox = rig.pull("busybox").await;
+    let mut config = rig.pod_config("nolog");
+    config.log_directory = String::new();
+    let pod = rig.run_pod(config).await;
+    let talker = container(
+        "talker",
+        &busybox,
+        &sh("while :; do echo talk talk talk talk; done"),
+    );
+    let id = rig.run(&pod, talker).await;
+    assert_eq!(rig.status(&id).await.log_path, "");
+    rig.rt()
+        .reopen_container_log(ReopenContainerLogRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .expect("ReopenContainerLog of a container without a log");
+    // Read and dropped: the container is not blocked on a full pipe, and
+    // nothing of its output is kept anywhere.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rig.exec_ok(&id, &["echo", "alive"]).await.trim(), "alive");
+    // (berth kept it under the container's state directory once, in /run.)
+    let kept: Vec<PathBuf> = walkdir_post_order(&rig.base().join("state"))
+        .into_iter()
+        .filter(|p| p.is_file() && std::fs::metadata(p).is_ok_and(|m| m.len() > 64 << 10))
+        .collect();
+    assert!(kept.is_empty(), "{kept:?}");
+    rig.finish().await;
+}
+
+#[tokio::test]
 async fn runtime_default_seccomp_blocks_unshare_and_unconfined_does_not() {
     let Some(mut rig) = Rig::start().await else {
         return;

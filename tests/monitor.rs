@@ -132,7 +132,7 @@ impl TestContainer {
             container_id: id.to_string(),
             bundle: bundle.bundle(),
             spec_path,
-            log_path: base.join("container.log"),
+            log_path: Some(base.join("container.log")),
             stdin: false,
             stdin_once: false,
             tty: spec["process"]["terminal"] == json!(true),
@@ -248,14 +248,19 @@ impl TestContainer {
         read_exit_record(&self.config.exit_record).expect("exit record")
     }
 
+    /// The container's CRI log (every test container has one).
+    fn log_path(&self) -> &Path {
+        self.config.log_path.as_deref().expect("a log path")
+    }
+
     fn log_records(&self) -> Vec<(Stream, Tag, String)> {
-        read_log(&self.config.log_path)
+        read_log(self.log_path())
     }
 
     /// Waits until a log line says `text` (the container is ready).
     async fn wait_for_log(&self, text: &str) {
         let start = Instant::now();
-        while !std::fs::read_to_string(&self.config.log_path)
+        while !std::fs::read_to_string(self.log_path())
             .unwrap_or_default()
             .contains(text)
         {
@@ -732,7 +737,7 @@ async fn log_reopen_during_30000_lines_loses_nothing() {
             _ = tokio::time::sleep(Duration::from_millis(2)) => {
                 // kubelet's rotation: rename, then ask for a reopen.
                 let rotated = c.bundle.base().join(format!("container.log.{rotations}"));
-                std::fs::rename(&c.config.log_path, &rotated).expect("rotate");
+                std::fs::rename(c.log_path(), &rotated).expect("rotate");
                 files.push(rotated);
                 if c.client().reopen_log().await.is_err() {
                     break; // exited meanwhile
@@ -744,7 +749,7 @@ async fn log_reopen_during_30000_lines_loses_nothing() {
             }
         }
     }
-    files.push(c.config.log_path.clone());
+    files.push(c.log_path().to_path_buf());
     let lines: Vec<String> = files
         .iter()
         .filter(|f| f.exists())
@@ -886,7 +891,7 @@ async fn monitors_forked_by_the_zygote_outlive_it() {
     }
     let record = short.wait_exit(&mut watcher).await;
     assert_eq!(record.exit_code, 3);
-    let lines = read_log(&short.config.log_path);
+    let lines = read_log(short.log_path());
     assert_eq!(messages(&lines, Stream::Stdout), ["from zygote"]);
     // The zygote reaps the monitor that ended: not even a zombie is left.
     let short_monitor = short.monitor.expect("monitor");
@@ -1145,7 +1150,7 @@ async fn measure_monitor_memory_with_chatty_container() {
     let monitor = c.monitor_pid();
     let rollup =
         std::fs::read_to_string(format!("/proc/{monitor}/smaps_rollup")).expect("smaps_rollup");
-    let log_size = std::fs::metadata(&c.config.log_path).expect("log").len();
+    let log_size = std::fs::metadata(c.log_path()).expect("log").len();
     let exe = std::fs::read_link(format!("/proc/{monitor}/exe")).expect("exe");
     eprintln!(
         "monitor pid {monitor} ({}), log {log_size} bytes after 3 s:",

@@ -136,6 +136,7 @@ pub struct ContainerRecord {
     pub message: String,
     pub pid: u32,
     pub bundle: PathBuf,
+    /// Empty when no log was asked for (no log directory or log path).
     pub log_path: PathBuf,
     pub cgroup_path: Option<String>,
     pub stop_signal: String,
@@ -544,7 +545,7 @@ impl ContainerManager {
             source,
         })?;
         let bundle = self.bundle(&id);
-        let log_path = log_path(&pod, &config, &bundle)?;
+        let log_path = log_path(&pod, &config)?;
         // Known before anything exists, and saved with the reservation, so
         // that undoing an interrupted create finds the cgroup without a
         // second commit once it is made.
@@ -738,7 +739,8 @@ impl ContainerManager {
             container_id: container.id.clone(),
             bundle: bundle.clone(),
             spec_path,
-            log_path: container.log_path.clone(),
+            log_path: (!container.log_path.as_os_str().is_empty())
+                .then(|| container.log_path.clone()),
             stdin: container.config.stdin,
             stdin_once: container.config.stdin_once,
             tty: container.config.tty,
@@ -1279,14 +1281,14 @@ fn oom_kills(cgroup: &crate::executor::cgroups::Cgroup) -> Result<Option<u64>, C
     }
 }
 
-fn log_path(
-    pod: &PodRecord,
-    config: &ContainerConfig,
-    bundle: &Path,
-) -> Result<PathBuf, ContainerError> {
+/// Where the container's CRI log goes; empty when the pod has no log
+/// directory or the container no log path. containerd drops the output
+/// then, and so does berth: kept elsewhere, under the state directory in
+/// /run, nothing would rotate it (kubelet rotates only the logs it asked
+/// for), and a talkative container would fill the node's memory.
+fn log_path(pod: &PodRecord, config: &ContainerConfig) -> Result<PathBuf, ContainerError> {
     if config.log_path.is_empty() || pod.config.log_directory.is_empty() {
-        // Nowhere asked for: kept with the container, as containerd discards.
-        return Ok(bundle.join("container.log"));
+        return Ok(PathBuf::new());
     }
     let relative = Path::new(&config.log_path);
     if relative.is_absolute()

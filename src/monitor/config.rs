@@ -17,8 +17,10 @@ pub struct MonitorConfig {
     /// The OCI runtime spec (`config.json`) given to the executor.
     pub spec_path: PathBuf,
     /// The CRI log file (kubelet's `LogPath`, joined with the pod's log
-    /// directory).
-    pub log_path: PathBuf,
+    /// directory). None: no log was asked for, and the output is read and
+    /// dropped, as containerd does.
+    #[serde(default)]
+    pub log_path: Option<PathBuf>,
     /// Keep a stdin the attachers can write to (CRI `stdin`).
     #[serde(default)]
     pub stdin: bool,

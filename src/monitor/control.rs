@@ -18,6 +18,7 @@ use super::proto::{
 };
 use super::supervisor::Supervisor;
 use crate::executor;
+use crate::logs::LogWriter;
 use crate::logs::Stream;
 
 /// Output queued for one attacher before its chunks are dropped.
@@ -249,9 +250,9 @@ impl Supervisor {
                 Ok(()) => ok(),
                 Err(message) => error(message),
             },
-            request::Kind::ReopenLog(_) => match self.log.reopen() {
-                Ok(()) => ok(),
-                Err(e) => error(e),
+            request::Kind::ReopenLog(_) => match self.log.as_mut().map(LogWriter::reopen) {
+                None | Some(Ok(())) => ok(),
+                Some(Err(e)) => error(e),
             },
             request::Kind::Signal(s) => {
                 let signal = match Signal::try_from(s.signal) {
@@ -310,7 +311,7 @@ impl Supervisor {
                 .iter()
                 .filter(|c| c.is_attached() && !c.closed)
                 .count() as u32,
-            log_dropped_records: self.log.dropped_records(),
+            log_dropped_records: self.log.as_ref().map_or(0, LogWriter::dropped_records),
         }
     }
 

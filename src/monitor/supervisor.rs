@@ -39,7 +39,8 @@ const DRAIN_GRACE_MS: u16 = 50;
 
 pub struct Supervisor {
     pub(super) config: MonitorConfig,
-    pub(super) log: LogWriter,
+    /// None: the container has no log (see `MonitorConfig::log_path`).
+    pub(super) log: Option<LogWriter>,
     pub(super) listener: UnixListener,
     pub(super) conns: Vec<Conn>,
     pub(super) stdio: MonitorStdio,
@@ -73,7 +74,11 @@ impl Supervisor {
     /// error nothing is left running.
     pub fn create(config: MonitorConfig) -> Result<Self, MonitorError> {
         let spec = load_spec(&config.spec_path, &config.bundle)?;
-        let log = LogWriter::open(&config.log_path)?;
+        let log = config
+            .log_path
+            .as_deref()
+            .map(LogWriter::open)
+            .transpose()?;
         let listener = bind_control_socket(&config.control_socket)?;
         let unbind = |e: MonitorError| {
             let _ = std::fs::remove_file(&config.control_socket);
@@ -232,7 +237,9 @@ impl Supervisor {
         }
         for i in closed_outputs.into_iter().rev() {
             let out = self.stdio.outputs.remove(i);
-            self.log.finish(out.stream, SystemTime::now());
+            if let Some(log) = &mut self.log {
+                log.finish(out.stream, SystemTime::now());
+            }
         }
         self.conns.retain(|c| !c.closed);
         // Reap orphans too, but never overwrite an exit `start` recorded.
@@ -252,7 +259,9 @@ impl Supervisor {
         let stream = out.stream;
         let outcome = stdio::read_output(&out.fd, &mut self.buf);
         if let ReadOutcome::Data(n) = outcome {
-            self.log.write(stream, &self.buf[..n], SystemTime::now());
+            if let Some(log) = &mut self.log {
+                log.write(stream, &self.buf[..n], SystemTime::now());
+            }
             for conn in &mut self.conns {
                 conn.send_output(stream, &self.buf[..n]);
             }
@@ -297,11 +306,13 @@ impl Supervisor {
         for i in 0..self.stdio.outputs.len() {
             self.drain_output(i);
         }
-        for out in std::mem::take(&mut self.stdio.outputs) {
-            self.log.finish(out.stream, SystemTime::now());
-        }
-        if !self.log.flush() {
-            tracing::warn!(path = %self.log.path().display(), "container log incomplete: write failed at exit");
+        if let Some(log) = &mut self.log {
+            for out in std::mem::take(&mut self.stdio.outputs) {
+                log.finish(out.stream, SystemTime::now());
+            }
+            if !log.flush() {
+                tracing::warn!(path = %log.path().display(), "container log incomplete: write failed at exit");
+            }
         }
         let record = self.exit_record();
         let written = match record.write(&self.config.exit_record) {
@@ -365,7 +376,7 @@ impl Supervisor {
             oom_killed,
             reason: reason.to_string(),
             message,
-            log_dropped_records: self.log.dropped_records(),
+            log_dropped_records: self.log.as_ref().map_or(0, LogWriter::dropped_records),
         }
     }
 }

@@ -189,7 +189,7 @@ pub async fn start(
         container_id: format!("{pod_id}-infra"),
         bundle: paths.bundle.clone(),
         spec_path,
-        log_path: paths.bundle.join("infra.log"),
+        log_path: Some(paths.bundle.join("infra.log")),
         stdin: false,
         stdin_once: false,
         tty: false,
