@@ -21,7 +21,6 @@
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Mutex, PoisonError};
 
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
@@ -47,7 +46,7 @@ pub struct PinNamespace {
     pin: PathBuf,
     /// The thread's root: the namespace's root as every process sees it.
     root: PathBuf,
-    commands: Mutex<mpsc::Sender<Command>>,
+    commands: mpsc::Sender<Command>,
 }
 
 fn sys(op: impl Into<String>) -> impl FnOnce(nix::errno::Errno) -> PinError {
@@ -91,7 +90,7 @@ impl PinNamespace {
         Ok(PinNamespace {
             pin,
             root: task.join("root"),
-            commands: Mutex::new(commands),
+            commands,
         })
     }
 
@@ -163,11 +162,7 @@ impl PinNamespace {
     }
 
     fn send(&self, command: Command) -> Result<(), PinError> {
-        self.commands
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .send(command)
-            .map_err(|_| gone())
+        self.commands.send(command).map_err(|_| gone())
     }
 }
 
@@ -180,13 +175,11 @@ fn is_namespace_pin(path: &Path) -> bool {
     let Ok(file) = std::fs::File::open(path) else {
         return false;
     };
-    rustix::fs::fstatfs(file.as_fd()).is_ok_and(|s| s.f_type == libc_nsfs_magic())
+    rustix::fs::fstatfs(file.as_fd()).is_ok_and(|s| s.f_type == NSFS_MAGIC)
 }
 
 /// `NSFS_MAGIC` from linux/magic.h.
-const fn libc_nsfs_magic() -> rustix::fs::FsWord {
-    0x6e73_6673
-}
+const NSFS_MAGIC: rustix::fs::FsWord = 0x6e73_6673;
 
 /// Puts the calling thread into the namespace: joins the one pinned at
 /// `join`, or makes a new one at `mountpoint` (any directory: the new
