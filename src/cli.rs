@@ -53,9 +53,6 @@ enum Command {
     /// Internal: a pod's infra process (PID 1 of a shared PID namespace).
     #[command(hide = true)]
     Pause,
-    /// Internal: make a pod's namespaces and pin them (run by the daemon).
-    #[command(hide = true)]
-    NsPin(NsPinArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -78,26 +75,6 @@ struct ExecHelperArgs {
     /// master.
     #[arg(long)]
     tty: bool,
-}
-
-#[derive(Debug, clap::Args)]
-struct NsPinArgs {
-    #[arg(long)]
-    dir: PathBuf,
-    /// The pinned mount namespace to make the pins in.
-    #[arg(long)]
-    mount_ns: PathBuf,
-    #[arg(long)]
-    net: bool,
-    #[arg(long)]
-    ipc: bool,
-    #[arg(long)]
-    uts: bool,
-    #[arg(long, default_value = "")]
-    hostname: String,
-    /// `key=value`, repeated.
-    #[arg(long)]
-    sysctl: Vec<String>,
 }
 
 /// Flags that override the configuration files, so that scripts and tests
@@ -262,26 +239,6 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)))
         }
         Command::Pause => Ok(crate::sandbox::infra::pause()),
-        Command::NsPin(args) => {
-            let sysctls = args
-                .sysctl
-                .iter()
-                .map(|kv| {
-                    kv.split_once('=')
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .ok_or_else(|| anyhow::anyhow!("--sysctl {kv:?} is not key=value"))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let request = crate::sandbox::namespaces::PinRequest {
-                net: args.net,
-                ipc: args.ipc,
-                uts: args.uts,
-                hostname: args.hostname.clone(),
-                sysctls,
-            };
-            crate::sandbox::namespaces::pin_main(&args.dir, &args.mount_ns, &request)?;
-            Ok(ExitCode::SUCCESS)
-        }
         Command::Bench(args) => Ok(if crate::bench::run(args)? {
             ExitCode::SUCCESS
         } else {

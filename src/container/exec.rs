@@ -191,7 +191,7 @@ fn helper_command(
     // Fix: the path `current_exe` names is gone once the binary is
     // replaced (a package upgrade before the daemon's restart), and every
     // exec failed with ENOENT; /proc/self/exe still runs this daemon's own
-    // binary, as ns-pin and the zygote do.
+    // binary, as the zygote does.
     let mut command = tokio::process::Command::new("/proc/self/exe");
     command
         .arg("exec-helper")

@@ -1,13 +1,11 @@
 //! A pod's shared namespaces (network, IPC, UTS), pinned by bind mounts so
 //! that a pod needs no process of its own (CRI-O's `pinns`).
 //!
-//! The namespaces are made by `berth ns-pin`, a single-threaded re-exec of
-//! the daemon's binary: `unshare(2)` of a network namespace from the
-//! multi-threaded tokio daemon would move only one of its threads.
+//! The namespaces are made by a thread of the daemon's own, which joins the
+//! pins' mount namespace, unshares the pod's namespaces, binds them and
+//! ends: namespaces are per thread, so nothing else of the daemon moves.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
@@ -78,63 +76,6 @@ impl PinRequest {
     }
 }
 
-/// Makes the namespaces by running `berth ns-pin` and waiting for it; the
-/// helper pins them in `dir`, inside the mount namespace pinned at
-/// `mount_ns` (see `pin_ns`). Blocking. A failed helper may leave some
-/// pins: the caller removes them.
-pub fn run_pin_helper(dir: &Path, mount_ns: &Path, request: &PinRequest) -> Result<(), PinError> {
-    request.check_sysctls()?;
-    if request.flags().is_empty() {
-        return Ok(());
-    }
-    // Fix: the path `current_exe` names is gone once the binary is
-    // replaced (a package upgrade before the daemon's restart), and every
-    // RunPodSandbox failed with ENOENT; /proc/self/exe still runs this
-    // daemon's own binary, as the zygote does.
-    let exe = Path::new("/proc/self/exe");
-    let mut args: Vec<OsString> = vec![
-        "ns-pin".into(),
-        "--mount-ns".into(),
-        mount_ns.into(),
-        "--dir".into(),
-        dir.into(),
-    ];
-    for (flag, wanted) in [
-        ("--net", request.net),
-        ("--ipc", request.ipc),
-        ("--uts", request.uts),
-    ] {
-        if wanted {
-            args.push(flag.into());
-        }
-    }
-    if request.uts && !request.hostname.is_empty() {
-        args.push("--hostname".into());
-        args.push(request.hostname.clone().into());
-    }
-    for (key, value) in &request.sysctls {
-        args.push("--sysctl".into());
-        args.push(format!("{key}={value}").into());
-    }
-    let output = Command::new(exe)
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|e| PinError::Helper(format!("run berth ns-pin: {e}")))?;
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let message = stderr.trim().trim_start_matches("berth: ");
-        return Err(PinError::Helper(if message.is_empty() {
-            format!("berth ns-pin exited with {}", output.status)
-        } else {
-            message.to_string()
-        }));
-    }
-    Ok(())
-}
-
 /// Removes pins made in the daemon's own mount namespace, as berth did
 /// before `pin_ns` (pods from then keep theirs there); missing ones are
 /// fine, so this is idempotent.
@@ -166,14 +107,36 @@ pub(super) fn unpin_one(path: &Path) -> Result<(), PinError> {
     }
 }
 
-/// The body of `berth ns-pin`: runs in a fresh single-threaded process.
-/// The pins go in `dir`, inside the mount namespace pinned at `mount_ns`.
-pub fn pin_main(dir: &Path, mount_ns: &Path, request: &PinRequest) -> Result<(), PinError> {
+/// Makes the pod's namespaces and pins them in `dir`, inside the mount
+/// namespace pinned at `mount_ns` (see `pin_ns`). The calling thread is
+/// left in all of them: call it on a thread of its own that ends after it.
+/// namespaces(7) are per thread, so the daemon's other threads keep
+/// theirs, and no process is started for it.
+pub(super) fn make_and_pin(
+    dir: &Path,
+    mount_ns: &Path,
+    request: &PinRequest,
+) -> Result<(), PinError> {
     let flags = request.flags();
     let planned = {
         let map = request.sysctls.iter().cloned().collect();
         sysctl::plan(Some(&map), flags)?
     };
+    // A thread shares its root and working directory with the whole
+    // process; a mount namespace can only be entered with its own.
+    nix::sched::unshare(CloneFlags::CLONE_FS).map_err(|errno| PinError::Sys {
+        op: "unshare CLONE_FS".into(),
+        errno,
+    })?;
+    let file = std::fs::File::open(mount_ns).map_err(|source| PinError::Io {
+        op: "open",
+        path: mount_ns.to_path_buf(),
+        source,
+    })?;
+    nix::sched::setns(file, CloneFlags::CLONE_NEWNS).map_err(|errno| PinError::Sys {
+        op: format!("join the mount namespace {}", mount_ns.display()),
+        errno,
+    })?;
     nix::sched::unshare(flags).map_err(|errno| PinError::Sys {
         op: format!("unshare {flags:?}"),
         errno,
@@ -184,53 +147,35 @@ pub fn pin_main(dir: &Path, mount_ns: &Path, request: &PinRequest) -> Result<(),
             errno,
         })?;
     }
-    // /proc/sys/net and the IPC keys read the namespaces of the process
-    // writing them: ours, now.
+    // /proc/sys/net and the IPC keys are those of the thread writing them:
+    // this one, now.
     sysctl::apply(&planned)?;
-    let file = std::fs::File::open(mount_ns).map_err(|source| PinError::Io {
-        op: "open",
-        path: mount_ns.to_path_buf(),
-        source,
-    })?;
-    nix::sched::setns(file, CloneFlags::CLONE_NEWNS).map_err(|errno| PinError::Sys {
-        op: format!("join the mount namespace {}", mount_ns.display()),
-        errno,
-    })?;
     std::fs::create_dir_all(dir).map_err(|source| PinError::Io {
         op: "create",
         path: dir.to_path_buf(),
         source,
     })?;
-    let mut made = Vec::new();
-    let result = (|| {
-        for (name, path) in request.pins(dir) {
-            std::fs::File::create(&path).map_err(|source| PinError::Io {
-                op: "create",
-                path: path.clone(),
-                source,
-            })?;
-            made.push(path.clone());
-            let source = PathBuf::from("/proc/self/ns").join(name);
-            nix::mount::mount(
-                Some(&source),
-                &path,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .map_err(|errno| PinError::Sys {
-                op: format!("bind {} on {}", source.display(), path.display()),
-                errno,
-            })?;
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        for path in made {
-            let _ = unpin_one(&path);
-        }
+    for (name, path) in request.pins(dir) {
+        std::fs::File::create(&path).map_err(|source| PinError::Io {
+            op: "create",
+            path: path.clone(),
+            source,
+        })?;
+        // thread-self: /proc/self would name the main thread's namespaces.
+        let source = PathBuf::from("/proc/thread-self/ns").join(name);
+        nix::mount::mount(
+            Some(&source),
+            &path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|errno| PinError::Sys {
+            op: format!("bind {} on {}", source.display(), path.display()),
+            errno,
+        })?;
     }
-    result
+    Ok(())
 }
 
 #[cfg(test)]

@@ -99,18 +99,34 @@ impl PinNamespace {
         self.root.join(pod_id)
     }
 
-    /// Where the pod's pins are inside the namespace (what `berth ns-pin`
-    /// is given).
+    /// Where the pod's pins are inside the namespace.
     fn inner_dir(pod_id: &str) -> PathBuf {
         Path::new("/").join(pod_id)
     }
 
-    /// Makes the pod's namespaces and pins them here, by running
-    /// `berth ns-pin`, which joins this namespace to bind them. Blocking.
-    /// On failure nothing is left pinned.
+    /// Makes the pod's namespaces and pins them here, from a thread that
+    /// joins this namespace and ends (`namespaces::make_and_pin`).
+    /// Blocking. On failure nothing is left pinned.
     pub fn pin(&self, pod_id: &str, request: &PinRequest) -> Result<(), PinError> {
-        let result =
-            super::namespaces::run_pin_helper(&Self::inner_dir(pod_id), &self.pin, request);
+        request.check_sysctls()?;
+        if !(request.net || request.ipc || request.uts) {
+            return Ok(());
+        }
+        let dir = Self::inner_dir(pod_id);
+        let result = std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("berth-ns-pin".into())
+                .spawn_scoped(scope, || {
+                    super::namespaces::make_and_pin(&dir, &self.pin, request)
+                })
+                .map_err(|source| PinError::Io {
+                    op: "start a thread to pin in",
+                    path: self.pin.clone(),
+                    source,
+                })?
+                .join()
+                .unwrap_or_else(|_| Err(PinError::Helper("the pinning thread panicked".into())))
+        });
         if result.is_err() {
             self.unpin(pod_id, request)?;
         }
@@ -222,7 +238,7 @@ fn enter(join: Option<&Path>, mountpoint: &Path) -> Result<(), PinError> {
         path: proc_dir.clone(),
         source,
     })?;
-    // `berth ns-pin` binds its /proc/self/ns files from in here.
+    // Pods' namespaces are bound from /proc/thread-self/ns in here.
     nix::mount::mount(
         Some("/proc"),
         &proc_dir,
