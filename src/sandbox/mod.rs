@@ -799,6 +799,41 @@ mod tests {
     }
 
     #[test]
+    fn records_of_pods_from_before_the_pins_namespace_keep_their_pins_in_place() {
+        let pod = PodRecord {
+            id: "p1".into(),
+            config: config(),
+            runtime_handler: String::new(),
+            state: PodState::Ready,
+            created_at: 1,
+            dir: PathBuf::from("/run/berth/pods/p1"),
+            namespaces: PinRecord {
+                net: true,
+                ipc: true,
+                uts: true,
+            },
+            pins_apart: true,
+            network: None,
+            created_cgroup: None,
+            shm: None,
+            infra_pid: None,
+            infra_cgroup: None,
+        };
+        let mut stored = serde_json::to_value(&pod).expect("encode");
+        assert_eq!(stored["pins_apart"], true);
+        // Written by berth before `pin_ns`: no such field.
+        stored
+            .as_object_mut()
+            .expect("a record is an object")
+            .remove("pins_apart");
+        let old: PodRecord = serde_json::from_value(stored).expect("decode an older record");
+        assert!(
+            !old.pins_apart,
+            "its pins are under dir/ns, where it made them"
+        );
+    }
+
+    #[test]
     fn pod_namespaces_follow_the_namespace_options() {
         let pins = validate(&config(), "").expect("valid");
         assert!(pins.net && pins.ipc && pins.uts);
