@@ -122,21 +122,7 @@ pub(super) fn make_and_pin(
         let map = request.sysctls.iter().cloned().collect();
         sysctl::plan(Some(&map), flags)?
     };
-    // A thread shares its root and working directory with the whole
-    // process; a mount namespace can only be entered with its own.
-    nix::sched::unshare(CloneFlags::CLONE_FS).map_err(|errno| PinError::Sys {
-        op: "unshare CLONE_FS".into(),
-        errno,
-    })?;
-    let file = std::fs::File::open(mount_ns).map_err(|source| PinError::Io {
-        op: "open",
-        path: mount_ns.to_path_buf(),
-        source,
-    })?;
-    nix::sched::setns(file, CloneFlags::CLONE_NEWNS).map_err(|errno| PinError::Sys {
-        op: format!("join the mount namespace {}", mount_ns.display()),
-        errno,
-    })?;
+    super::pin_ns::join(mount_ns)?;
     nix::sched::unshare(flags).map_err(|errno| PinError::Sys {
         op: format!("unshare {flags:?}"),
         errno,

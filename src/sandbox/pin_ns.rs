@@ -197,22 +197,32 @@ fn is_namespace_pin(path: &Path) -> bool {
 /// `NSFS_MAGIC` from linux/magic.h.
 const NSFS_MAGIC: rustix::fs::FsWord = 0x6e73_6673;
 
+/// Puts the calling thread alone into the mount namespace pinned at `pin`.
+pub(super) fn join(pin: &Path) -> Result<(), PinError> {
+    own_root_and_cwd()?;
+    let file = std::fs::File::open(pin).map_err(|source| PinError::Io {
+        op: "open",
+        path: pin.to_path_buf(),
+        source,
+    })?;
+    nix::sched::setns(file, CloneFlags::CLONE_NEWNS)
+        .map_err(sys(format!("join the mount namespace {}", pin.display())))
+}
+
+/// A thread shares its root and working directory with the whole process;
+/// a mount namespace can only be entered or made with its own.
+fn own_root_and_cwd() -> Result<(), PinError> {
+    nix::sched::unshare(CloneFlags::CLONE_FS).map_err(sys("unshare CLONE_FS"))
+}
+
 /// Puts the calling thread into the namespace: joins the one pinned at
-/// `join`, or makes a new one at `mountpoint` (any directory: the new
+/// `existing`, or makes a new one at `mountpoint` (any directory: the new
 /// root's tmpfs is mounted over it, inside the new namespace only).
-fn enter(join: Option<&Path>, mountpoint: &Path) -> Result<(), PinError> {
-    // A thread shares its root and working directory with the whole
-    // process; a mount namespace can only be entered with its own.
-    nix::sched::unshare(CloneFlags::CLONE_FS).map_err(sys("unshare CLONE_FS"))?;
-    if let Some(pin) = join {
-        let file = std::fs::File::open(pin).map_err(|source| PinError::Io {
-            op: "open",
-            path: pin.to_path_buf(),
-            source,
-        })?;
-        return nix::sched::setns(file, CloneFlags::CLONE_NEWNS)
-            .map_err(sys(format!("join the mount namespace {}", pin.display())));
+fn enter(existing: Option<&Path>, mountpoint: &Path) -> Result<(), PinError> {
+    if let Some(pin) = existing {
+        return join(pin);
     }
+    own_root_and_cwd()?;
     nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(sys("unshare CLONE_NEWNS"))?;
     // Nothing made here may reach the host, nor the host's later mounts
     // come here.
