@@ -105,10 +105,10 @@ impl PinNamespace {
     }
 
     /// Makes the pod's namespaces and pins them here, from a thread that
-    /// joins this namespace and ends (`namespaces::make_and_pin`).
+    /// joins this namespace and ends (`namespaces::make_and_pin`). The
+    /// request's sysctls were checked with the pod's config (`validate`).
     /// Blocking. On failure nothing is left pinned.
     pub fn pin(&self, pod_id: &str, request: &PinRequest) -> Result<(), PinError> {
-        request.check_sysctls()?;
         if !(request.net || request.ipc || request.uts) {
             return Ok(());
         }
