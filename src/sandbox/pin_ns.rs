@@ -30,14 +30,11 @@ use super::namespaces::{PinError, PinRequest};
 /// The pin of the namespace, in the state directory.
 const PIN_FILE: &str = "pins";
 
-enum Command {
-    Unpin {
-        pod_id: String,
-        kinds: Vec<&'static str>,
-        done: mpsc::Sender<Result<(), PinError>>,
-    },
-    /// The mount points in the namespace, for tests and checks.
-    Mounts(mpsc::Sender<Vec<PathBuf>>),
+/// What the daemon's thread in the namespace is asked: remove a pod's pins.
+struct Unpin {
+    pod_id: String,
+    kinds: Vec<&'static str>,
+    done: mpsc::Sender<Result<(), PinError>>,
 }
 
 /// The pins' mount namespace and the daemon's thread in it.
@@ -46,7 +43,7 @@ pub struct PinNamespace {
     pin: PathBuf,
     /// The thread's root: the namespace's root as every process sees it.
     root: PathBuf,
-    commands: mpsc::Sender<Command>,
+    unpins: mpsc::Sender<Unpin>,
 }
 
 fn sys(op: impl Into<String>) -> impl FnOnce(nix::errno::Errno) -> PinError {
@@ -63,7 +60,7 @@ impl PinNamespace {
         let pin = state.join(PIN_FILE);
         let existing = is_namespace_pin(&pin);
         let (ready_tx, ready_rx) = mpsc::channel();
-        let (commands, requests) = mpsc::channel();
+        let (unpins, requests) = mpsc::channel();
         let (join, mountpoint) = (existing.then(|| pin.clone()), state.to_path_buf());
         std::thread::Builder::new()
             .name("berth-pins".into())
@@ -90,7 +87,7 @@ impl PinNamespace {
         Ok(PinNamespace {
             pin,
             root: task.join("root"),
-            commands,
+            unpins,
         })
     }
 
@@ -142,20 +139,14 @@ impl PinNamespace {
             .map(|(k, _)| k)
             .collect();
         let (done, result) = mpsc::channel();
-        self.send(Command::Unpin {
-            pod_id: pod_id.to_string(),
-            kinds,
-            done,
-        })?;
+        self.unpins
+            .send(Unpin {
+                pod_id: pod_id.to_string(),
+                kinds,
+                done,
+            })
+            .map_err(|_| gone())?;
         result.recv().map_err(|_| gone())?
-    }
-
-    /// Every mount point in the namespace (`/` and `/proc` included).
-    /// Blocking.
-    pub fn mounts(&self) -> Result<Vec<PathBuf>, PinError> {
-        let (reply, mounts) = mpsc::channel();
-        self.send(Command::Mounts(reply))?;
-        mounts.recv().map_err(|_| gone())
     }
 
     /// Removes the namespace's pin, which releases every pin in it once
@@ -175,10 +166,6 @@ impl PinNamespace {
                 source,
             }),
         }
-    }
-
-    fn send(&self, command: Command) -> Result<(), PinError> {
-        self.commands.send(command).map_err(|_| gone())
     }
 }
 
@@ -279,20 +266,14 @@ fn pin_namespace(ns: &Path, pin: &Path) -> Result<(), PinError> {
 
 /// The thread's work, inside the namespace, until the daemon drops its
 /// end of the channel.
-fn serve(requests: mpsc::Receiver<Command>) {
-    while let Ok(command) = requests.recv() {
-        match command {
-            Command::Unpin {
-                pod_id,
-                kinds,
-                done,
-            } => {
-                let _ = done.send(unpin_here(&pod_id, &kinds));
-            }
-            Command::Mounts(reply) => {
-                let _ = reply.send(mount_points());
-            }
-        }
+fn serve(requests: mpsc::Receiver<Unpin>) {
+    while let Ok(Unpin {
+        pod_id,
+        kinds,
+        done,
+    }) = requests.recv()
+    {
+        let _ = done.send(unpin_here(&pod_id, &kinds));
     }
 }
 
@@ -310,17 +291,6 @@ fn unpin_here(pod_id: &str, kinds: &[&'static str]) -> Result<(), PinError> {
             source,
         }),
     }
-}
-
-fn mount_points() -> Vec<PathBuf> {
-    // The namespace's own /proc is the host's, and /proc/thread-self is
-    // this thread: its mountinfo is the namespace's.
-    std::fs::read_to_string("/proc/thread-self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(PathBuf::from)
-        .collect()
 }
 
 #[cfg(test)]
@@ -354,7 +324,14 @@ mod tests {
         let pin = state.path().join(PIN_FILE);
         let first = PinNamespace::open(state.path()).expect("make");
         assert!(is_namespace_pin(&pin));
-        let mut mounts = first.mounts().expect("mounts");
+        // The thread's mountinfo is the namespace's.
+        let task = first.root.parent().expect("the root is in a task dir");
+        let mut mounts: Vec<PathBuf> = std::fs::read_to_string(task.join("mountinfo"))
+            .expect("mountinfo")
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .map(PathBuf::from)
+            .collect();
         mounts.sort();
         assert_eq!(mounts, [PathBuf::from("/"), PathBuf::from("/proc")]);
         let own = std::fs::metadata("/proc/thread-self/ns/mnt")
