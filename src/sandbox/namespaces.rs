@@ -86,6 +86,8 @@ pub fn unpin(dir: &Path, request: &PinRequest) -> Result<(), PinError> {
     Ok(())
 }
 
+/// Unmounts one pin (any nsfs bind) and removes its file; missing either
+/// is fine.
 pub(super) fn unpin_one(path: &Path) -> Result<(), PinError> {
     match nix::mount::umount2(path, MntFlags::MNT_DETACH) {
         Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}

@@ -153,19 +153,7 @@ impl PinNamespace {
     /// this daemon's thread is gone too. For a daemon that stops with no
     /// pod left.
     pub fn release(&self) -> Result<(), PinError> {
-        match nix::mount::umount2(&self.pin, MntFlags::MNT_DETACH) {
-            Ok(()) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => {}
-            Err(errno) => return Err(sys(format!("unmount {}", self.pin.display()))(errno)),
-        }
-        match std::fs::remove_file(&self.pin) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(PinError::Io {
-                op: "remove",
-                path: self.pin.clone(),
-                source,
-            }),
-        }
+        super::namespaces::unpin_one(&self.pin)
     }
 }
 
