@@ -27,8 +27,9 @@ pub enum PinError {
     },
     #[error(transparent)]
     Sysctl(#[from] sysctl::SysctlError),
+    /// A thread that makes or removes pins (see `pin_ns`) could not do it.
     #[error("pin pod namespaces: {0}")]
-    Helper(String),
+    Thread(String),
 }
 
 /// Which namespaces a pod gets of its own, and what goes into them.

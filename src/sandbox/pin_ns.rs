@@ -79,7 +79,7 @@ impl PinNamespace {
             })?;
         let tid = ready_rx
             .recv()
-            .map_err(|_| PinError::Helper("the pins' thread ended before it was ready".into()))??;
+            .map_err(|_| PinError::Thread("the pins' thread ended before it was ready".into()))??;
         let task = PathBuf::from(format!("/proc/{}/task/{tid}", std::process::id()));
         if !existing {
             pin_namespace(&task.join("ns/mnt"), &pin)?;
@@ -122,7 +122,7 @@ impl PinNamespace {
                     source,
                 })?
                 .join()
-                .unwrap_or_else(|_| Err(PinError::Helper("the pinning thread panicked".into())))
+                .unwrap_or_else(|_| Err(PinError::Thread("the pinning thread panicked".into())))
         });
         if result.is_err() {
             self.unpin(pod_id, request)?;
@@ -158,7 +158,7 @@ impl PinNamespace {
 }
 
 fn gone() -> PinError {
-    PinError::Helper("the pins' thread is gone".into())
+    PinError::Thread("the pins' thread is gone".into())
 }
 
 /// True when `path` is a pinned mount namespace (a bind of an nsfs file).
