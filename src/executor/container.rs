@@ -136,13 +136,10 @@ impl InitPlan {
             .and_then(|l| l.seccomp().as_ref())
             .map(seccomp::compile)
             .transpose()?;
+        let mut rootfs = RootfsPlan::from_spec(spec, root.path(), cgroup_procs, cgroup_mounts)?;
+        make_idmapped_mounts(&mut rootfs, &namespaces, linux)?;
         Ok(InitPlan {
-            rootfs: Some(RootfsPlan::from_spec(
-                spec,
-                root.path(),
-                cgroup_procs,
-                cgroup_mounts,
-            )?),
+            rootfs: Some(rootfs),
             process: ProcessPlan::from_spec(process)?,
             namespaces,
             seccomp,
@@ -155,6 +152,44 @@ impl InitPlan {
                 .map(|b| (b.height() as u16, b.width() as u16)),
         })
     }
+}
+
+/// Makes the idmapped trees of the spec's idmapped binds, here in the
+/// caller, privileged on the host. berth maps them through the user
+/// namespace the container joins, so their maps must be its (as kubelet
+/// gives a pod's volumes the pod's); other maps would need a namespace of
+/// their own made for the mount.
+fn make_idmapped_mounts(
+    rootfs: &mut RootfsPlan,
+    namespaces: &NamespacePlan,
+    linux: Option<&oci_spec::runtime::Linux>,
+) -> Result<(), ExecutorError> {
+    use super::mounts::MountError;
+    let userns = namespaces
+        .join
+        .iter()
+        .find(|j| j.kind == LinuxNamespaceType::User);
+    for m in &mut rootfs.mounts {
+        let Some(idmap) = &m.idmap else { continue };
+        let bad = |message| MountError::BadIdmap {
+            destination: m.destination.clone(),
+            message,
+        };
+        let Some(userns) = userns else {
+            return Err(bad("an idmapped mount needs a user namespace joined by path").into());
+        };
+        let same = linux.is_some_and(|l| {
+            l.uid_mappings().as_ref() == Some(&idmap.uid_mappings)
+                && l.gid_mappings().as_ref() == Some(&idmap.gid_mappings)
+        });
+        if !same {
+            return Err(
+                bad("a mount's id maps must be those of the container's user namespace").into(),
+            );
+        }
+        m.make_idmapped(userns.fd.as_fd())?;
+    }
+    Ok(())
 }
 
 /// A container whose init process is set up and parked before `execve`.

@@ -12,11 +12,12 @@
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::mount::{MsFlags, mount};
 use nix::sys::statvfs::{FsFlags, fstatvfs};
-use oci_spec::runtime::Mount;
+use oci_spec::runtime::{LinuxIdMapping, Mount};
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,13 @@ pub enum MountError {
         destination: PathBuf,
         option: String,
     },
+    #[error("mount {destination:?}: {message}")]
+    BadIdmap {
+        destination: PathBuf,
+        message: &'static str,
+    },
+    #[error("idmapped mount of {source_path}: open_tree: {errno}")]
+    OpenTree { source_path: String, errno: Errno },
     #[error("resolve {path:?} inside the container rootfs: {errno}")]
     Resolve { path: PathBuf, errno: Errno },
     #[error("create {path:?} inside the container rootfs: {errno}")]
@@ -53,6 +61,8 @@ pub enum MountError {
     },
     #[error("set recursive mount attributes on {target:?}: {errno}")]
     SetAttr { target: PathBuf, errno: Errno },
+    #[error("idmap the mount of {target:?}: {errno}")]
+    Idmap { target: PathBuf, errno: Errno },
     #[error("read /proc/self/mountinfo: {0}")]
     MountInfo(std::io::Error),
 }
@@ -92,6 +102,18 @@ pub struct MountPlan {
     pub propagation: Vec<MsFlags>,
     pub data: String,
     pub recursive: RecursiveAttrs,
+    /// A bind seen through id maps (the spec's `uidMappings`).
+    pub idmap: Option<IdmapPlan>,
+}
+
+/// The id maps of an idmapped bind and, once the caller has made it (see
+/// [`MountPlan::make_idmapped`]), the detached tree the container's init
+/// attaches.
+#[derive(Debug, Clone)]
+pub struct IdmapPlan {
+    pub uid_mappings: Vec<LinuxIdMapping>,
+    pub gid_mappings: Vec<LinuxIdMapping>,
+    pub tree: Option<Arc<OwnedFd>>,
 }
 
 /// What the options say, option by option (the table runc uses).
@@ -204,6 +226,8 @@ impl MountPlan {
                 } else {
                     recursive.set |= a;
                 }
+            } else if matches!(opt, "idmap" | "ridmap") && m.uid_mappings().is_some() {
+                // Implied by the maps; the whole tree is mapped either way.
             } else if matches!(opt, "idmap" | "ridmap" | "tmpcopyup") {
                 return Err(MountError::Unsupported {
                     destination,
@@ -227,6 +251,26 @@ impl MountPlan {
             .as_ref()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| fstype.clone());
+        let idmap = match (m.uid_mappings(), m.gid_mappings()) {
+            (None, None) => None,
+            (Some(uid), Some(gid)) if matches!(kind, MountKind::Bind { .. }) => Some(IdmapPlan {
+                uid_mappings: uid.clone(),
+                gid_mappings: gid.clone(),
+                tree: None,
+            }),
+            (Some(_), Some(_)) => {
+                return Err(MountError::BadIdmap {
+                    destination,
+                    message: "only bind mounts can be idmapped",
+                });
+            }
+            _ => {
+                return Err(MountError::BadIdmap {
+                    destination,
+                    message: "uidMappings and gidMappings go together",
+                });
+            }
+        };
         Ok(MountPlan {
             destination,
             source,
@@ -237,6 +281,7 @@ impl MountPlan {
             propagation,
             data: data.join(","),
             recursive,
+            idmap,
         })
     }
 
@@ -252,7 +297,40 @@ impl MountPlan {
             propagation: Vec::new(),
             data: data.to_owned(),
             recursive: RecursiveAttrs::default(),
+            idmap: None,
         }
+    }
+
+    /// Makes the detached, idmapped tree of an idmapped bind, seen through
+    /// `userns` (whose maps the caller checked to be the mount's), with the
+    /// mount's flags. Done by the caller, privileged on the host: an
+    /// idmapped mount needs privilege over the filesystem, which the
+    /// container's init in its user namespace has not. A mount without id
+    /// maps is left as it is.
+    pub fn make_idmapped(&mut self, userns: BorrowedFd<'_>) -> Result<(), MountError> {
+        use rustix::mount::{OpenTreeFlags, open_tree};
+        let Some(idmap) = &mut self.idmap else {
+            return Ok(());
+        };
+        let recursive = matches!(self.kind, MountKind::Bind { recursive: true });
+        let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+        if recursive {
+            flags |= OpenTreeFlags::AT_RECURSIVE;
+        }
+        let tree = open_tree(rustix::fs::CWD, self.source.as_str(), flags).map_err(|errno| {
+            MountError::OpenTree {
+                source_path: self.source.clone(),
+                errno: Errno::from_raw(errno.raw_os_error()),
+            }
+        })?;
+        idmap_detached(
+            tree.as_fd(),
+            userns,
+            mount_attrs(self.flags),
+            Path::new(&self.source),
+        )?;
+        idmap.tree = Some(Arc::new(tree));
+        Ok(())
     }
 
     /// The destination relative to the rootfs, for `openat2`.
@@ -457,6 +535,34 @@ pub fn mount_setattr_recursive(
         propagation: 0,
         userns_fd: 0,
     };
+    mount_setattr(fd, &attr).map_err(|errno| MountError::SetAttr {
+        target: shown.to_owned(),
+        errno,
+    })
+}
+
+/// Makes the detached mount tree `fd` (from `open_tree(OPEN_TREE_CLONE)`)
+/// show its files' owners through the id maps of the user namespace
+/// `userns`, with the `MOUNT_ATTR_*` bits `attrs` too: an idmapped mount.
+pub fn idmap_detached(
+    fd: BorrowedFd<'_>,
+    userns: BorrowedFd<'_>,
+    attrs: u64,
+    shown: &Path,
+) -> Result<(), MountError> {
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_IDMAP | attrs,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    mount_setattr(fd, &attr).map_err(|errno| MountError::Idmap {
+        target: shown.to_owned(),
+        errno,
+    })
+}
+
+fn mount_setattr(fd: BorrowedFd<'_>, attr: &libc::mount_attr) -> Result<(), Errno> {
     // SAFETY: `fd` is a live fd, the path is a NUL-terminated empty string,
     // and `attr` is a valid `mount_attr` whose size we pass; the kernel only
     // reads it.
@@ -467,15 +573,12 @@ pub fn mount_setattr_recursive(
             fd.as_raw_fd(),
             c"".as_ptr(),
             (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint,
-            &attr as *const libc::mount_attr,
+            attr as *const libc::mount_attr,
             std::mem::size_of::<libc::mount_attr>(),
         )
     };
     if rc != 0 {
-        return Err(MountError::SetAttr {
-            target: shown.to_owned(),
-            errno: Errno::last(),
-        });
+        return Err(Errno::last());
     }
     Ok(())
 }
@@ -535,6 +638,21 @@ pub fn mount_in_root(
             } else {
                 ensure_file(root, rel)?
             };
+            if let Some(tree) = m.idmap.as_ref().and_then(|i| i.tree.as_ref()) {
+                // Made with the mount's flags (`make_idmapped`): attached
+                // as it is.
+                rustix::mount::move_mount(
+                    tree.as_fd(),
+                    "",
+                    target.as_fd(),
+                    "",
+                    rustix::mount::MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH
+                        | rustix::mount::MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+                )
+                .map_err(|errno| mount_err(m, Errno::from_raw(errno.raw_os_error())))?;
+                let mounted = open_in_root(root, rel, OFlags::PATH).map_err(resolve_err(m))?;
+                return finish(mounted.as_fd(), m);
+            }
             let mut flags = MsFlags::MS_BIND;
             if *recursive {
                 flags |= MsFlags::MS_REC;
@@ -907,6 +1025,77 @@ mod tests {
         assert!(m.flags.contains(MsFlags::MS_RDONLY | MsFlags::MS_NOSUID));
         assert_eq!(m.propagation, vec![MsFlags::MS_SLAVE | MsFlags::MS_REC]);
         assert_eq!(m.recursive.set, libc::MOUNT_ATTR_RDONLY);
+    }
+
+    #[test]
+    fn id_maps_make_a_bind_idmapped() {
+        let maps = r#""uidMappings":[{"containerID":0,"hostID":200000,"size":65536}],"gidMappings":[{"containerID":0,"hostID":200000,"size":65536}]"#;
+        let m = MountPlan::from_spec(&spec_mount(&format!(
+            r#"{{"destination":"/data","type":"bind","source":"/src","options":["rbind","idmap"],{maps}}}"#
+        )))
+        .unwrap();
+        let idmap = m.idmap.expect("idmapped");
+        assert_eq!(idmap.uid_mappings[0].host_id(), 200_000);
+        assert!(idmap.tree.is_none(), "made by the caller, later");
+
+        let refused = |json: String, why: &str| match MountPlan::from_spec(&spec_mount(&json)) {
+            Err(MountError::BadIdmap { .. } | MountError::Unsupported { .. }) => {}
+            other => panic!("{why}: {other:?}"),
+        };
+        refused(
+            format!(r#"{{"destination":"/t","type":"tmpfs","source":"tmpfs",{maps}}}"#),
+            "not a bind",
+        );
+        refused(
+            r#"{"destination":"/d","type":"bind","source":"/s","options":["bind"],"uidMappings":[{"containerID":0,"hostID":1,"size":1}]}"#.into(),
+            "uid maps without gid maps",
+        );
+        refused(
+            r#"{"destination":"/d","type":"bind","source":"/s","options":["bind","idmap"]}"#.into(),
+            "idmap without maps",
+        );
+    }
+
+    #[test]
+    fn an_idmapped_tree_shows_the_owners_through_the_namespace() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: idmapped mounts need root");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+        for d in [&src, &dst] {
+            std::fs::create_dir(d).expect("dir");
+        }
+        std::fs::write(src.join("f"), b"x").expect("file");
+        std::os::unix::fs::chown(src.join("f"), Some(5), Some(7)).expect("chown");
+        let userns = crate::executor::test_support::TestUserNamespace::new(200_000);
+        let ns = std::fs::File::open(userns.path()).expect("open userns");
+        let mut m = MountPlan::from_spec(&spec_mount(&format!(
+            r#"{{"destination":"/data","type":"bind","source":"{}","options":["rbind","ro"],"uidMappings":[{{"containerID":0,"hostID":200000,"size":65536}}],"gidMappings":[{{"containerID":0,"hostID":200000,"size":65536}}]}}"#,
+            src.display()
+        )))
+        .unwrap();
+        m.make_idmapped(ns.as_fd()).expect("idmapped tree");
+        let tree = m.idmap.as_ref().and_then(|i| i.tree.clone()).expect("tree");
+        rustix::mount::move_mount(
+            tree.as_fd(),
+            "",
+            rustix::fs::CWD,
+            &dst,
+            rustix::mount::MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+        .expect("attach");
+        let seen = std::fs::metadata(dst.join("f"));
+        let written = std::fs::write(dst.join("g"), b"y");
+        nix::mount::umount2(&dst, nix::mount::MntFlags::MNT_DETACH).expect("detach");
+        // Owned 5:7 on disk: through the namespace's maps (0.. to
+        // 200000..) the host sees 200005:200007, the ids a container in
+        // that namespace knows as 5:7.
+        use std::os::unix::fs::MetadataExt;
+        let seen = seen.expect("stat through the mount");
+        assert_eq!((seen.uid(), seen.gid()), (200_005, 200_007));
+        assert!(written.is_err(), "made read-only with the mount's flags");
     }
 
     #[test]

@@ -166,3 +166,47 @@ pub(crate) fn read_all(mut f: std::fs::File) -> String {
     f.read_to_string(&mut s).unwrap();
     s
 }
+
+/// A user namespace mapping ids 0..65536 to `host_id`.., held by a
+/// `sleep` made in it; killed and reaped on drop.
+pub(crate) struct TestUserNamespace {
+    child: std::process::Child,
+}
+
+impl TestUserNamespace {
+    pub(crate) fn new(host_id: u32) -> TestUserNamespace {
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new("sleep");
+        command.arg("600");
+        // SAFETY: one async-signal-safe syscall between fork and exec.
+        #[allow(unsafe_code)]
+        unsafe {
+            command.pre_exec(|| {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = command.spawn().expect("start sleep in a user namespace");
+        let held = TestUserNamespace { child };
+        for file in ["uid_map", "gid_map"] {
+            std::fs::write(
+                format!("/proc/{}/{file}", held.child.id()),
+                format!("0 {host_id} 65536\n"),
+            )
+            .expect("write id map");
+        }
+        held
+    }
+
+    /// The namespace's nsfs file.
+    pub(crate) fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/user", self.child.id()))
+    }
+}
+
+impl Drop for TestUserNamespace {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
