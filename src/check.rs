@@ -122,10 +122,10 @@ fn namespaces() -> Vec<Finding> {
             }
         })
         .collect();
-    let max_user = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok());
-    let user = match (Path::new("/proc/self/ns/user").exists(), max_user) {
+    let user = match (
+        Path::new("/proc/self/ns/user").exists(),
+        max_user_namespaces(),
+    ) {
         (true, Some(n)) if n > 0 => finding(
             Outcome::Ok,
             "namespace user",
@@ -343,6 +343,21 @@ fn free_space(root: &Path) -> Finding {
             format!("statvfs {}: {e}", probe.display()),
         ),
     }
+}
+
+/// `user.max_user_namespaces`, if the kernel has the knob.
+fn max_user_namespaces() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+}
+
+/// Whether pods can have user namespaces of their own (`hostUsers:
+/// false`): the kernel has them and allows some. Idmapped mounts, which
+/// their rootfs needs too, are checked when a container is made (Linux
+/// 5.19 or later, and a filesystem under the root that has them).
+pub fn user_namespaces_enabled() -> bool {
+    Path::new("/proc/self/ns/user").exists() && max_user_namespaces().is_some_and(|n| n > 0)
 }
 
 #[cfg(test)]

@@ -243,7 +243,13 @@ impl Daemon {
 pub fn run(config: Config) -> Result<(), DaemonError> {
     // Before the runtime's threads exist.
     footprint::tune_daemon_allocator();
-    create_dir(&config.root, 0o700)?;
+    // Others may pass through the root, not list it: the containers of
+    // pods with user namespaces are not the host's root, and their init
+    // reaches its rootfs (`<root>/containers/<id>/rootfs`) and `/pause`
+    // through it. What is private below it is 0700 itself (content,
+    // layers). Set on every start, for roots made 0700 before.
+    create_dir(&config.root, 0o711)?;
+    set_mode(&config.root, 0o711)?;
     create_dir(&config.state, 0o711)?;
     let socket = config.socket_path();
     if let Some(parent) = socket.parent() {
@@ -378,6 +384,15 @@ fn create_dir(path: &Path, mode: u32) -> Result<(), DaemonError> {
             path: path.to_path_buf(),
             source,
         })
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), DaemonError> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        DaemonError::CreateDir {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
 }
 
 /// Takes an exclusive `flock` that the kernel releases when the process dies,

@@ -6,7 +6,8 @@
 //! and containers outliving a daemon killed with SIGKILL.
 //!
 //! Every test has its own daemon, and its pods are hostNetwork (the network
-//! is not under test here) with their own cgroup parent. A [`Rig`] removes
+//! is not under test here; a pod with a user namespace of its own cannot
+//! be, and gets the rig's built-in network) with their own cgroup parent. A [`Rig`] removes
 //! what the test made through the CRI when the test ends, also when it
 //! panics, and `Rig::finish` then checks that no monitor, mount or cgroup of
 //! the test is left.
@@ -1925,5 +1926,112 @@ async fn mount_propagation_private_host_to_container_and_bidirectional() {
         rig.remove(&id).await;
     }
     drop(host_mounts);
+    rig.finish().await;
+}
+
+/// kubelet's `hostUsers: false`: the pod gets a user namespace of its own,
+/// here mapping 0..65536 to 300000.., which owns the pod's network, IPC and
+/// UTS namespaces (and, through the infra process, its PID namespace). Its
+/// containers are root only in it; the image's files and the idmapped
+/// volumes kubelet asks for are that root's.
+#[tokio::test]
+async fn a_pod_with_a_user_namespace_of_its_own_runs_containers_as_root_only_there() {
+    const HOST_ID: u32 = 300_000;
+    let Some(mut rig) = Rig::start().await else {
+        return;
+    };
+    let busybox = rig.pull("busybox").await;
+    let range = vec![IdMapping {
+        container_id: 0,
+        host_id: HOST_ID,
+        length: 65536,
+    }];
+    let options = NamespaceOption {
+        network: NamespaceMode::Pod as i32,
+        pid: NamespaceMode::Pod as i32,
+        ipc: NamespaceMode::Pod as i32,
+        userns_options: Some(UserNamespace {
+            mode: NamespaceMode::Pod as i32,
+            uids: range.clone(),
+            gids: range.clone(),
+        }),
+        ..NamespaceOption::default()
+    };
+    let mut config = rig.pod_config("userns");
+    if let Some(sc) = config
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+    {
+        sc.namespace_options = Some(options.clone());
+    }
+    let pod = rig.run_pod(config).await;
+
+    let volume = rig.base().join("userns-volume");
+    std::fs::create_dir_all(&volume).expect("volume");
+    std::fs::write(volume.join("f"), b"host's\n").expect("volume file");
+    let mut root = with_security(
+        container("root", &busybox, SLEEPER),
+        LinuxContainerSecurityContext {
+            namespace_options: Some(options),
+            ..LinuxContainerSecurityContext::default()
+        },
+    );
+    root.mounts = vec![Mount {
+        container_path: "/data".into(),
+        host_path: volume.display().to_string(),
+        uid_mappings: range.clone(),
+        gid_mappings: range,
+        ..Mount::default()
+    }];
+    let id = rig.run(&pod, root).await;
+
+    // Root in the namespace, with the pod's maps; 300000 on the host.
+    let uid_map = rig.exec_ok(&id, &["cat", "/proc/self/uid_map"]).await;
+    assert_eq!(
+        uid_map.split_whitespace().collect::<Vec<_>>(),
+        ["0", "300000", "65536"]
+    );
+    assert_eq!(rig.exec_ok(&id, &["id", "-u"]).await.trim(), "0");
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", rig.pid(&id).await)).expect("status");
+    let uids = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap_or_default();
+    assert_eq!(uids.split_whitespace().nth(1), Some("300000"), "{uids}");
+
+    // The image's files are the namespace's root's; what the container
+    // writes to its rootfs is that root's on the host.
+    let owner = rig
+        .exec_ok(&id, &["stat", "-c", "%u:%g", "/bin/busybox"])
+        .await;
+    assert_eq!(owner.trim(), "0:0");
+    rig.exec_ok(&id, &["sh", "-c", "echo mine > /written"])
+        .await;
+    let upper = rig.base().join("root/containers").join(&id).join("upper");
+    let written = std::fs::metadata(upper.join("written")).expect("upper/written");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((written.uid(), written.gid()), (HOST_ID, HOST_ID));
+
+    // The idmapped volume: the host's root files are the container's
+    // root's, and what it writes there is the host's root's on disk.
+    let seen = rig.exec_ok(&id, &["stat", "-c", "%u", "/data/f"]).await;
+    assert_eq!(seen.trim(), "0");
+    rig.exec_ok(&id, &["sh", "-c", "echo back > /data/g"]).await;
+    let back = std::fs::metadata(volume.join("g")).expect("volume/g");
+    assert_eq!((back.uid(), back.gid()), (0, 0));
+
+    // Not the host's user namespace, and the pod's network namespace is
+    // the container's.
+    let pid = rig.pid(&id).await;
+    let ns = |pid: &str, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok();
+    assert_ne!(ns(&pid.to_string(), "user"), ns("self", "user"));
+    assert_ne!(ns(&pid.to_string(), "net"), ns("self", "net"));
+    let hostname = rig.exec_ok(&id, &["hostname"]).await;
+    assert_eq!(hostname.trim(), "userns");
+
+    rig.stop(&id, 0).await;
+    rig.remove(&id).await;
     rig.finish().await;
 }

@@ -23,7 +23,7 @@ use tokio::sync::broadcast;
 use crate::events::EventKind;
 use crate::executor::cgroups::{CgroupError, CgroupManager};
 use crate::ids::{Lookup, now_ns};
-use crate::image::snapshot::{SnapshotError, Snapshots};
+use crate::image::snapshot::{IdmappedRootfs, SnapshotError, Snapshots};
 use crate::image::store::{ImageError, ImageRecord, ImageStore};
 use crate::locks::KeyedLocks;
 use crate::monitor::{self, ExitRecord, ExitWatcher, MonitorClient, MonitorConfig, MonitorError};
@@ -791,6 +791,17 @@ impl ContainerManager {
         Ok(())
     }
 
+    /// The user namespace that owns the rootfs of the pod's containers: the
+    /// pod's own, if it has one.
+    fn idmapped_rootfs(&self, pod: &PodRecord) -> Option<IdmappedRootfs> {
+        let (root_uid, root_gid) = pod.user_namespace_root()?;
+        Some(IdmappedRootfs {
+            userns: self.sandboxes.namespace_path(pod, "user")?,
+            root_uid,
+            root_gid,
+        })
+    }
+
     /// The rootfs mounted, the user resolved and the spec written: the part
     /// of `make` that runs while the cgroup is being made. Returns the
     /// times taken (for the debug log) and the spec's path.
@@ -818,10 +829,11 @@ impl ContainerManager {
             .as_ref()
             .and_then(|l| l.security_context.clone());
         let image_user = image.config.config.user.clone();
+        let idmap = self.idmapped_rootfs(pod);
         // One trip to the blocking pool: each costs a thread wake-up both
         // ways, and CreateContainer is on the pod start path.
         let (rootfs, resolved) = blocking(move || -> Result<_, ContainerError> {
-            let rootfs = snapshots.prepare(&id, &chain_ids)?.target;
+            let rootfs = snapshots.prepare(&id, &chain_ids, idmap.as_ref())?.target;
             let resolved = user::resolve(&rootfs, &image_user, security.as_ref())?;
             Ok((rootfs, resolved))
         })
@@ -843,6 +855,7 @@ impl ContainerManager {
                 uts: self.sandboxes.namespace_path(pod, "uts"),
                 pid: self.sandboxes.namespace_path(pod, "pid"),
                 target_pid: None,
+                user: self.sandboxes.namespace_path(pod, "user"),
             },
             pod_files: spec::PodFiles {
                 hostname: pod.dir.join("hostname"),

@@ -16,16 +16,17 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::OnceLock;
 
 use k8s_cri::v1::{
-    ContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext, MountPropagation,
-    NamespaceMode, PodSandboxConfig, SecurityProfile, security_profile::ProfileType,
+    ContainerConfig, IdMapping, LinuxContainerResources, LinuxContainerSecurityContext,
+    MountPropagation, NamespaceMode, PodSandboxConfig, SecurityProfile,
+    security_profile::ProfileType,
 };
 use oci_spec::OciSpecError;
 use oci_spec::runtime::{
     Arch, Capability, LinuxBuilder, LinuxCapabilities, LinuxCpu, LinuxDevice, LinuxDeviceCgroup,
-    LinuxDeviceType, LinuxHugepageLimit, LinuxMemory, LinuxNamespace, LinuxNamespaceType,
-    LinuxPids, LinuxResources, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg,
-    LinuxSeccompArgBuilder, LinuxSeccompOperator, LinuxSyscall, Mount, MountBuilder,
-    ProcessBuilder, RootBuilder, Spec, User,
+    LinuxDeviceType, LinuxHugepageLimit, LinuxIdMapping, LinuxIdMappingBuilder, LinuxMemory,
+    LinuxNamespace, LinuxNamespaceType, LinuxPids, LinuxResources, LinuxSeccomp,
+    LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompArgBuilder, LinuxSeccompOperator,
+    LinuxSyscall, Mount, MountBuilder, ProcessBuilder, RootBuilder, Spec, User,
 };
 use serde::Deserialize;
 
@@ -176,6 +177,8 @@ pub struct PodNamespaces {
     pub pid: Option<PathBuf>,
     /// The target container's pid namespace, for `NamespaceMode::Target`.
     pub target_pid: Option<PathBuf>,
+    /// The pod's own user namespace (`userns_options` mode POD).
+    pub user: Option<PathBuf>,
 }
 
 /// The files the sandbox made for its containers.
@@ -396,6 +399,12 @@ pub fn build(input: &SpecInput) -> Result<Spec, SpecError> {
     }
     linux.set_seccomp(seccomp);
     linux.set_rootfs_propagation(rootfs_propagation);
+    if let Some(userns) = user_namespace_mappings(sc)? {
+        // Joined by path, so the maps are for the reader (`crictl inspect`,
+        // as containerd shows them).
+        linux.set_uid_mappings(Some(userns.0));
+        linux.set_gid_mappings(Some(userns.1));
+    }
 
     let mut spec = Spec::default();
     spec.set_version("1.2.0".to_string());
@@ -722,18 +731,35 @@ fn namespaces(
     if input.host.cgroup_v2 && !sc.privileged {
         out.push(ns(LinuxNamespaceType::Cgroup, None));
     }
+    let pod_userns = input
+        .sandbox
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.as_ref())
+        .and_then(|o| o.userns_options.as_ref());
+    if options.userns_options.as_ref() != pod_userns {
+        return Err(invalid(
+            "linux.security_context.namespace_options.userns_options",
+            "must be the pod's: a container's user namespace is its pod's",
+        ));
+    }
     if let Some(userns) = &options.userns_options {
         match namespace_mode(
             userns.mode,
             "linux.security_context.namespace_options.userns_options.mode",
         )? {
             NamespaceMode::Node => {}
-            NamespaceMode::Pod => {
-                return Err(invalid(
-                    "linux.security_context.namespace_options.userns_options",
-                    "user namespaces (hostUsers: false) are not supported by berth yet",
-                ));
-            }
+            NamespaceMode::Pod => match &pod.user {
+                // First in the list, as the executor joins it first anyway.
+                Some(path) => out.insert(0, ns(LinuxNamespaceType::User, Some(path))),
+                None => {
+                    return Err(invalid(
+                        "linux.security_context.namespace_options.userns_options",
+                        "the pod has no user namespace of its own",
+                    ));
+                }
+            },
             other => {
                 return Err(invalid(
                     "linux.security_context.namespace_options.userns_options.mode",
@@ -746,6 +772,40 @@ fn namespaces(
         }
     }
     Ok(out)
+}
+
+/// OCI uid and gid mappings, in that order.
+type IdMaps = (Vec<LinuxIdMapping>, Vec<LinuxIdMapping>);
+
+/// The OCI uid and gid mappings of a container in its pod's user namespace.
+fn user_namespace_mappings(
+    sc: &LinuxContainerSecurityContext,
+) -> Result<Option<IdMaps>, SpecError> {
+    let Some(userns) = sc
+        .namespace_options
+        .as_ref()
+        .and_then(|o| o.userns_options.as_ref())
+        .filter(|u| u.mode == NamespaceMode::Pod as i32)
+    else {
+        return Ok(None);
+    };
+    Ok(Some((
+        oci_id_mappings(&userns.uids)?,
+        oci_id_mappings(&userns.gids)?,
+    )))
+}
+
+pub(crate) fn oci_id_mappings(mappings: &[IdMapping]) -> Result<Vec<LinuxIdMapping>, SpecError> {
+    mappings
+        .iter()
+        .map(|m| {
+            Ok(LinuxIdMappingBuilder::default()
+                .container_id(m.container_id)
+                .host_id(m.host_id)
+                .size(m.length)
+                .build()?)
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------- mounts
@@ -819,6 +879,8 @@ struct BindRequest {
     readonly: bool,
     recursive_read_only: bool,
     propagation: MountPropagation,
+    /// Seen through the id maps of the pod's user namespace.
+    idmap: bool,
 }
 
 fn clean(path: &str) -> PathBuf {
@@ -846,6 +908,7 @@ fn mounts(
     namespaces: &[LinuxNamespace],
 ) -> Result<(Vec<Mount>, Option<String>), SpecError> {
     let config = input.config;
+    let userns = user_namespace_mappings(sc)?;
     let mut binds: Vec<BindRequest> = Vec::new();
     for (i, m) in config.mounts.iter().enumerate() {
         let field = format!("mounts[{i}]");
@@ -864,11 +927,20 @@ fn mounts(
         if m.host_path.is_empty() {
             return Err(invalid(format!("{field}.host_path"), "is required"));
         }
-        if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
-            return Err(invalid(
-                format!("{field}.uid_mappings"),
-                "id-mapped mounts need user namespaces, which berth does not support yet",
-            ));
+        let idmap = !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty();
+        if idmap {
+            // kubelet gives a pod's volumes the pod's maps; berth maps
+            // through the pod's user namespace, so no other maps.
+            let same = userns.as_ref().is_some_and(|(uids, gids)| {
+                oci_id_mappings(&m.uid_mappings).ok().as_ref() == Some(uids)
+                    && oci_id_mappings(&m.gid_mappings).ok().as_ref() == Some(gids)
+            });
+            if !same {
+                return Err(invalid(
+                    format!("{field}.uid_mappings"),
+                    "an idmapped mount takes the id maps of the pod's user namespace",
+                ));
+            }
         }
         let propagation = MountPropagation::try_from(m.propagation).map_err(|_| {
             invalid(
@@ -883,6 +955,7 @@ fn mounts(
             readonly: m.readonly,
             recursive_read_only: m.recursive_read_only,
             propagation,
+            idmap,
         });
     }
     let in_cri = |dst: &str| {
@@ -893,7 +966,9 @@ fn mounts(
     };
 
     // containerd's linuxContainerMounts: the pod's files, read-only with a
-    // read-only rootfs. /etc/hosts comes from kubelet as a CRI mount.
+    // read-only rootfs, and idmapped in a pod's user namespace (but
+    // /dev/shm, as containerd: tmpfs has idmapped mounts only since 6.3).
+    // /etc/hosts comes from kubelet as a CRI mount.
     let mut extra: Vec<BindRequest> = Vec::new();
     let pod_file = |field: &str, dst: &str, src: &Path, readonly: bool| BindRequest {
         field: field.to_string(),
@@ -902,6 +977,7 @@ fn mounts(
         readonly,
         recursive_read_only: false,
         propagation: MountPropagation::PropagationPrivate,
+        idmap: userns.is_some() && dst != "/dev/shm",
     };
     if !input.pod_files.hostname.as_os_str().is_empty() {
         extra.push(pod_file(
@@ -950,6 +1026,7 @@ fn mounts(
             readonly: false,
             recursive_read_only: false,
             propagation: MountPropagation::PropagationPrivate,
+            idmap: userns.is_some(),
         });
     }
     binds.extend(extra.into_iter().filter(|e| !in_cri(&e.container_path)));
@@ -1011,14 +1088,17 @@ fn mounts(
             (false, false) => options.push("rw".into()),
         }
         // selinux_relabel is ignored: berth does not support SELinux labels.
-        out.push(
-            MountBuilder::default()
-                .destination(&b.container_path)
-                .typ("bind")
-                .source(source)
-                .options(options)
-                .build()?,
-        );
+        let mut mount = MountBuilder::default()
+            .destination(&b.container_path)
+            .typ("bind")
+            .source(source)
+            .options(options)
+            .build()?;
+        if let (true, Some((uids, gids))) = (b.idmap, &userns) {
+            mount.set_uid_mappings(Some(uids.clone()));
+            mount.set_gid_mappings(Some(gids.clone()));
+        }
+        out.push(mount);
     }
     Ok((out, rootfs_propagation))
 }

@@ -62,15 +62,23 @@ struct Inner {
 
 impl LayerStore {
     /// Opens `<root>/layers`, removing half-unpacked layers a crash left.
+    /// Only root may enter it: the root above is open to be passed through
+    /// (see `daemon::run`).
     pub fn open(root: &Path) -> Result<LayerStore, LayerError> {
+        use std::os::unix::fs::PermissionsExt;
         let dir = root.join("layers");
         let tmp = root.join("layers-tmp");
         for path in [&dir, &tmp] {
-            std::fs::create_dir_all(path).map_err(|source| LayerError::Io {
-                op: "create",
-                path: path.clone(),
-                source,
-            })?;
+            let io = |op| {
+                move |source| LayerError::Io {
+                    op,
+                    path: path.clone(),
+                    source,
+                }
+            };
+            std::fs::create_dir_all(path).map_err(io("create"))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+                .map_err(io("chmod"))?;
         }
         let entries = std::fs::read_dir(&tmp).map_err(|source| LayerError::Io {
             op: "read",
@@ -91,6 +99,11 @@ impl LayerStore {
                 usage: Mutex::new(HashMap::new()),
             }),
         })
+    }
+
+    /// The directory the layers are in.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
     }
 
     /// The directory of the layer with `chain_id` (which may not exist).

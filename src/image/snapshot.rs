@@ -6,8 +6,14 @@
 //! layer, so an image with hundreds of layers is not limited by the single
 //! page of mount(2) options; kernels before 6.8 lack `lowerdir+` and get
 //! mount(2) with the classic option string.
+//!
+//! A container in a pod with a user namespace of its own sees the layers
+//! through an idmapped mount of the layer store (one for all layers, as
+//! containerd makes), attached at `<id>/lower` only while the overlay is
+//! mounted: the overlay keeps its own references to its layers.
 
 use std::os::fd::AsFd;
+use std::os::unix::fs::chown;
 use std::path::{Path, PathBuf};
 
 use crate::image::digest::Digest;
@@ -32,6 +38,23 @@ pub enum SnapshotError {
         op: &'static str,
         errno: rustix::io::Errno,
     },
+    #[error("idmapped layers for {target}: {source}")]
+    Idmap {
+        target: PathBuf,
+        source: crate::executor::mounts::MountError,
+    },
+}
+
+/// The user namespace whose root owns a container's rootfs: its pod's own
+/// (`hostUsers: false`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdmappedRootfs {
+    /// The namespace (an nsfs file).
+    pub userns: PathBuf,
+    /// The host ids of the namespace's uid 0 and gid 0: the owner of the
+    /// writable layer's top directory.
+    pub root_uid: u32,
+    pub root_gid: u32,
 }
 
 /// Where a container's root filesystem comes from and goes.
@@ -79,9 +102,14 @@ impl Snapshots {
     }
 
     /// Creates the container's writable layer over the image's layers
-    /// (`chain_ids` bottom first, as images list them) and mounts it.
-    /// Blocking.
-    pub fn prepare(&self, id: &str, chain_ids: &[Digest]) -> Result<RootfsMount, SnapshotError> {
+    /// (`chain_ids` bottom first, as images list them) and mounts it; with
+    /// `idmap`, owned by that user namespace's root. Blocking.
+    pub fn prepare(
+        &self,
+        id: &str,
+        chain_ids: &[Digest],
+        idmap: Option<&IdmappedRootfs>,
+    ) -> Result<RootfsMount, SnapshotError> {
         let dir = self.container_dir(id)?;
         let mut lower = Vec::with_capacity(chain_ids.len());
         for chain_id in chain_ids.iter().rev() {
@@ -105,11 +133,76 @@ impl Snapshots {
                 source,
             })?;
         }
-        if let Err(e) = mount_overlay(&mount) {
-            let _ = std::fs::remove_dir_all(&dir);
+        let mounted = match idmap {
+            None => mount_overlay(&mount),
+            Some(idmap) => self.mount_idmapped(&dir, &mount, idmap),
+        };
+        if let Err(e) = mounted {
+            let _ = self.remove(id);
             return Err(e);
         }
         Ok(mount)
+    }
+
+    /// Mounts the overlay over an idmapped view of the layers, attached at
+    /// `dir/lower` for as long as the overlay's mount takes.
+    fn mount_idmapped(
+        &self,
+        dir: &Path,
+        mount: &RootfsMount,
+        idmap: &IdmappedRootfs,
+    ) -> Result<(), SnapshotError> {
+        use rustix::mount::{MoveMountFlags, OpenTreeFlags, move_mount, open_tree};
+        let io = |op, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SnapshotError::Io { op, path, source }
+        };
+        let mount_err = |op| {
+            let target = mount.target.clone();
+            move |errno| SnapshotError::Mount { target, op, errno }
+        };
+        chown(&mount.upper, Some(idmap.root_uid), Some(idmap.root_gid))
+            .map_err(io("chown", &mount.upper))?;
+        let userns = std::fs::File::open(&idmap.userns).map_err(io("open", &idmap.userns))?;
+        let layers = self.layers.dir();
+        let tree = open_tree(
+            rustix::fs::CWD,
+            layers,
+            OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+        )
+        .map_err(mount_err("open_tree of the layers"))?;
+        crate::executor::mounts::idmap_detached(
+            tree.as_fd(),
+            userns.as_fd(),
+            libc::MOUNT_ATTR_RDONLY,
+            layers,
+        )
+        .map_err(|source| SnapshotError::Idmap {
+            target: mount.target.clone(),
+            source,
+        })?;
+        let view = dir.join("lower");
+        std::fs::create_dir_all(&view).map_err(io("create", &view))?;
+        move_mount(
+            tree.as_fd(),
+            "",
+            rustix::fs::CWD,
+            &view,
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+        .map_err(mount_err("attach the idmapped layers"))?;
+        let seen = RootfsMount {
+            lower: mount
+                .lower
+                .iter()
+                .map(|l| view.join(l.strip_prefix(layers).unwrap_or(l)))
+                .collect(),
+            ..mount.clone()
+        };
+        let mounted = mount_overlay(&seen);
+        let detached = detach_layers_view(dir);
+        mounted?;
+        detached
     }
 
     /// Takes the container's rootfs out of this mount namespace. Once the
@@ -135,6 +228,10 @@ impl Snapshots {
     pub fn remove(&self, id: &str) -> Result<(), SnapshotError> {
         let dir = self.container_dir(id)?;
         self.detach(id)?;
+        // A crash between attaching the layers' idmapped view and
+        // detaching it leaves it here: it must go before anything is
+        // deleted below it (it is read-only too).
+        detach_layers_view(&dir)?;
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -151,6 +248,31 @@ impl Snapshots {
         Ok(crate::image::store::disk_usage(
             &self.container_dir(id)?.join("upper"),
         ))
+    }
+}
+
+/// Detaches and removes `dir/lower`, the idmapped view of the layers;
+/// none there is not an error.
+fn detach_layers_view(dir: &Path) -> Result<(), SnapshotError> {
+    let view = dir.join("lower");
+    match rustix::mount::unmount(&view, rustix::mount::UnmountFlags::DETACH) {
+        Ok(()) | Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOENT) => {}
+        Err(errno) => {
+            return Err(SnapshotError::Mount {
+                target: view,
+                op: "detach the idmapped layers",
+                errno,
+            });
+        }
+    }
+    match std::fs::remove_dir(&view) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(SnapshotError::Io {
+            op: "remove",
+            path: view,
+            source,
+        }),
     }
 }
 
@@ -267,6 +389,45 @@ mod tests {
     }
 
     #[test]
+    fn in_a_user_namespace_the_layers_are_its_roots() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: mounting overlayfs needs root");
+            return;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let root = tempfile::tempdir().expect("tempdir");
+        let layers = LayerStore::open(root.path()).expect("layers");
+        let bottom = layer(&layers, "a", b"bottom", None);
+        let snapshots = Snapshots::new(root.path(), layers);
+        let userns = crate::executor::test_support::TestUserNamespace::new(200_000);
+        let idmap = IdmappedRootfs {
+            userns: userns.path(),
+            root_uid: 200_000,
+            root_gid: 200_000,
+        };
+        let mount = snapshots
+            .prepare("c1", &[bottom], Some(&idmap))
+            .expect("prepare");
+        let guard = scopeguard(&snapshots, "c1");
+        // The layer's root-owned file is the namespace's root's, seen from
+        // the host; so is the writable top.
+        let file = std::fs::metadata(mount.target.join("a")).expect("stat");
+        assert_eq!((file.uid(), file.gid()), (200_000, 200_000));
+        let top = std::fs::metadata(&mount.target).expect("stat /");
+        assert_eq!((top.uid(), top.gid()), (200_000, 200_000));
+        assert_eq!(
+            std::fs::read(mount.target.join("a")).expect("read"),
+            b"bottom"
+        );
+        // The layers' view went once the overlay held them.
+        assert!(!root.path().join("containers/c1/lower").exists());
+        let layer_dir = std::fs::metadata(root.path().join("layers")).expect("layers");
+        assert_eq!(layer_dir.uid(), 0, "the layers themselves are untouched");
+        drop(guard);
+        assert!(!root.path().join("containers/c1").exists());
+    }
+
+    #[test]
     fn prepare_mounts_layers_with_a_writable_top_and_remove_cleans_up() {
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipping: mounting overlayfs needs root");
@@ -277,7 +438,9 @@ mod tests {
         let bottom = layer(&layers, "a", b"bottom", None);
         let top = layer(&layers, "a", b"top", Some(&bottom));
         let snapshots = Snapshots::new(root.path(), layers);
-        let mount = snapshots.prepare("c1", &[bottom, top]).expect("prepare");
+        let mount = snapshots
+            .prepare("c1", &[bottom, top], None)
+            .expect("prepare");
         let guard = scopeguard(&snapshots, "c1");
         assert_eq!(std::fs::read(mount.target.join("a")).expect("read"), b"top");
         std::fs::write(mount.target.join("new"), b"w").expect("write to rootfs");
@@ -317,13 +480,16 @@ mod tests {
         let snapshots = Snapshots::new(root.path(), layers);
         for bad in ["", "..", "a/b", "../x"] {
             assert!(
-                matches!(snapshots.prepare(bad, &[]), Err(SnapshotError::BadId(_))),
+                matches!(
+                    snapshots.prepare(bad, &[], None),
+                    Err(SnapshotError::BadId(_))
+                ),
                 "{bad:?}"
             );
         }
         let missing = Digest::of(b"nope");
         assert!(matches!(
-            snapshots.prepare("c2", &[missing]),
+            snapshots.prepare("c2", &[missing], None),
             Err(SnapshotError::MissingLayer { .. })
         ));
         assert!(!root.path().join("containers/c2").exists());

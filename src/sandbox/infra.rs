@@ -108,19 +108,27 @@ impl InfraPaths {
 }
 
 /// Starts the pod's infra process in the pod's pinned namespaces and a new
-/// PID namespace; returns its pid (in the host's PID namespace).
+/// PID namespace; returns its pid (in the host's PID namespace). `owner`:
+/// the host ids of root in the pod's own user namespace, if it has one,
+/// for whom the process's root directory is made.
 pub async fn start(
     paths: &InfraPaths,
     pause: &Path,
     pod_id: &str,
     namespaces: &[(&str, PathBuf)],
     cgroup_procs: Vec<PathBuf>,
+    owner: Option<(u32, u32)>,
 ) -> Result<u32, InfraError> {
     let rootfs = paths.bundle.join("rootfs");
     let pause_target = rootfs.join("pause");
+    let chown = || match owner {
+        Some((uid, gid)) => std::os::unix::fs::chown(&rootfs, Some(uid), Some(gid)),
+        None => Ok(()),
+    };
     for (op, result) in [
         ("create", std::fs::create_dir_all(&rootfs)),
         ("create", std::fs::write(&pause_target, b"")),
+        ("chown", chown()),
     ] {
         result.map_err(|source| InfraError::Io {
             op,

@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use k8s_cri::v1::{
-    NamespaceMode, PodSandboxConfig, PortMapping as CriPortMapping, Protocol as CriProtocol,
+    IdMapping, NamespaceMode, NamespaceOption, PodSandboxConfig, PortMapping as CriPortMapping,
+    Protocol as CriProtocol,
 };
 use oci_spec::runtime::LinuxResources;
 use serde::{Deserialize, Serialize};
@@ -33,7 +34,7 @@ use crate::network::{
 };
 use crate::store::{Cached, Kind, Store, StoreError};
 use files::{Dns, FilesError};
-use namespaces::{PinError, PinRequest};
+use namespaces::{PinError, PinRequest, UserNamespaceMaps};
 use pin_ns::PinNamespace;
 
 /// Runtime handler names that mean berth's own executor.
@@ -119,6 +120,9 @@ pub struct PinRecord {
     pub net: bool,
     pub ipc: bool,
     pub uts: bool,
+    /// The pod has a user namespace of its own (`hostUsers: false`).
+    #[serde(default)]
+    pub user: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -142,11 +146,32 @@ impl PodRecord {
             .unwrap_or_default()
     }
 
+    /// The host uid and gid of root in the pod's own user namespace, if it
+    /// has one (RunPodSandbox took one range each, from container id 0).
+    pub fn user_namespace_root(&self) -> Option<(u32, u32)> {
+        if !self.namespaces.user {
+            return None;
+        }
+        let userns = self
+            .config
+            .linux
+            .as_ref()?
+            .security_context
+            .as_ref()?
+            .namespace_options
+            .as_ref()?
+            .userns_options
+            .as_ref()?;
+        Some((userns.uids.first()?.host_id, userns.gids.first()?.host_id))
+    }
+
     fn pin_request(&self) -> PinRequest {
         PinRequest {
             net: self.namespaces.net,
             ipc: self.namespaces.ipc,
             uts: self.namespaces.uts,
+            // Only which pins there are matters here.
+            user: self.namespaces.user.then(Default::default),
             ..PinRequest::default()
         }
     }
@@ -258,8 +283,8 @@ impl SandboxManager {
         Ok(self.records.put(&pod.id, pod).await?)
     }
 
-    /// The pinned namespace file of `kind` (`net`, `ipc`, `uts`), if the pod
-    /// has its own, or its infra process's `pid` namespace.
+    /// The pinned namespace file of `kind` (`net`, `ipc`, `uts`, `user`), if
+    /// the pod has its own, or its infra process's `pid` namespace.
     pub fn namespace_path(&self, pod: &PodRecord, kind: &str) -> Option<PathBuf> {
         if kind == "pid" {
             return pod
@@ -270,6 +295,7 @@ impl SandboxManager {
             "net" => pod.namespaces.net,
             "ipc" => pod.namespaces.ipc,
             "uts" => pod.namespaces.uts,
+            "user" => pod.namespaces.user,
             _ => false,
         };
         let dir = if pod.pins_apart {
@@ -315,6 +341,7 @@ impl SandboxManager {
                 net: pins.net,
                 ipc: pins.ipc,
                 uts: pins.uts,
+                user: pins.user.is_some(),
             },
             pins_apart: true,
             network: None,
@@ -382,8 +409,8 @@ impl SandboxManager {
         })
         .await??;
 
-        let (pin_ns, id) = (self.pins.clone(), pod.id.clone());
-        blocking(move || pin_ns.pin(&id, &pins)).await??;
+        let (pin_ns, id, holder) = (self.pins.clone(), pod.id.clone(), self.pause.clone());
+        blocking(move || pin_ns.pin(&id, &pins, &holder)).await??;
 
         if let Some(cgroups) = &self.cgroups {
             let parent = pod.cgroup_parent();
@@ -434,13 +461,15 @@ impl SandboxManager {
         self.put(pod).await?;
 
         if shares_pid(&pod.config) {
-            let pins: Vec<(&str, PathBuf)> = ["net", "ipc", "uts"]
+            let pins: Vec<(&str, PathBuf)> = ["user", "net", "ipc", "uts"]
                 .into_iter()
                 .filter_map(|kind| self.namespace_path(pod, kind).map(|p| (kind, p)))
                 .collect();
             let procs = self.infra_cgroup(pod).await?;
             let paths = infra::InfraPaths::new(&dir, &self.state_dir, &pod.id);
-            pod.infra_pid = Some(infra::start(&paths, &self.pause, &pod.id, &pins, procs).await?);
+            let owner = pod.user_namespace_root();
+            pod.infra_pid =
+                Some(infra::start(&paths, &self.pause, &pod.id, &pins, procs, owner).await?);
             self.put(pod).await?;
         }
 
@@ -737,6 +766,13 @@ pub fn validate(
     let host_ipc = mode(options.ipc) == NamespaceMode::Node;
     let mut sysctls: Vec<(String, String)> = linux.sysctls.clone().into_iter().collect();
     sysctls.sort();
+    let user = pod_user_namespace(&options)?;
+    if user.is_some() && (host_network || host_ipc || mode(options.pid) == NamespaceMode::Node) {
+        return Err(invalid(
+            "config.linux.security_context.namespace_options.userns_options",
+            "a pod with a user namespace of its own cannot share the host's network, IPC or PID namespace".into(),
+        ));
+    }
     let pins = PinRequest {
         net: !host_network,
         ipc: !host_ipc,
@@ -744,6 +780,7 @@ pub fn validate(
         uts: !host_network,
         hostname: config.hostname.clone(),
         sysctls,
+        user,
     };
     pins.check_sysctls()
         .map_err(|e| invalid("config.linux.sysctls", e.to_string()))?;
@@ -759,6 +796,64 @@ pub fn validate(
         }
     }
     Ok(pins)
+}
+
+/// The id maps of the pod's own user namespace (`userns_options` mode
+/// POD, kubelet's `hostUsers: false`), or `None` for the host's (mode NODE
+/// or no options). As kubelet asks and containerd accepts: one uid and one
+/// gid range, each mapping container id 0.
+fn pod_user_namespace(
+    options: &NamespaceOption,
+) -> Result<Option<UserNamespaceMaps>, SandboxError> {
+    const FIELD: &str = "config.linux.security_context.namespace_options.userns_options";
+    let invalid = |message: String| SandboxError::Invalid {
+        field: FIELD,
+        message,
+    };
+    let Some(userns) = &options.userns_options else {
+        return Ok(None);
+    };
+    match NamespaceMode::try_from(userns.mode) {
+        Ok(NamespaceMode::Node) => {
+            if userns.uids.is_empty() && userns.gids.is_empty() {
+                Ok(None)
+            } else {
+                Err(invalid("mode NODE takes no uid or gid mappings".into()))
+            }
+        }
+        Ok(NamespaceMode::Pod) => {
+            let map = |kind: &str, mappings: &[IdMapping]| -> Result<String, SandboxError> {
+                let [m] = mappings else {
+                    return Err(invalid(format!(
+                        "a pod's user namespace takes exactly one {kind} mapping, not {}",
+                        mappings.len()
+                    )));
+                };
+                if m.container_id != 0 {
+                    return Err(invalid(format!(
+                        "the {kind} mapping must start at container id 0, not {}",
+                        m.container_id
+                    )));
+                }
+                if m.length == 0 || m.host_id.checked_add(m.length).is_none() {
+                    return Err(invalid(format!(
+                        "{kind} mapping of {} ids from host id {} is not a valid range",
+                        m.length, m.host_id
+                    )));
+                }
+                Ok(format!("{} {} {}\n", m.container_id, m.host_id, m.length))
+            };
+            Ok(Some(UserNamespaceMaps {
+                uid_map: map("uid", &userns.uids)?,
+                gid_map: map("gid", &userns.gids)?,
+            }))
+        }
+        Ok(other) => Err(invalid(format!(
+            "mode {} is not supported for user namespaces (POD or NODE)",
+            other.as_str_name()
+        ))),
+        Err(_) => Err(invalid(format!("unknown mode {}", userns.mode))),
+    }
 }
 
 /// Whether the pod's containers share one PID namespace (CRI's default
@@ -811,6 +906,7 @@ mod tests {
                 net: true,
                 ipc: true,
                 uts: true,
+                user: false,
             },
             pins_apart: true,
             network: None,
@@ -851,6 +947,105 @@ mod tests {
         });
         let pins = validate(&host, "berth").expect("valid");
         assert!(!pins.net && !pins.ipc && !pins.uts);
+    }
+
+    fn with_userns(
+        uids: Vec<IdMapping>,
+        gids: Vec<IdMapping>,
+        mode: NamespaceMode,
+    ) -> PodSandboxConfig {
+        let mut c = config();
+        c.linux = Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    userns_options: Some(k8s_cri::v1::UserNamespace {
+                        mode: mode as i32,
+                        uids,
+                        gids,
+                    }),
+                    ..NamespaceOption::default()
+                }),
+                ..LinuxSandboxSecurityContext::default()
+            }),
+            ..LinuxPodSandboxConfig::default()
+        });
+        c
+    }
+
+    fn range(container_id: u32, host_id: u32, length: u32) -> IdMapping {
+        IdMapping {
+            container_id,
+            host_id,
+            length,
+        }
+    }
+
+    #[test]
+    fn a_pods_user_namespace_takes_one_range_from_container_id_0() {
+        let one = vec![range(0, 200_000, 65536)];
+        let pins = validate(
+            &with_userns(one.clone(), one.clone(), NamespaceMode::Pod),
+            "",
+        )
+        .expect("kubelet's request");
+        let maps = pins.user.clone().expect("a user namespace");
+        assert_eq!(maps.uid_map, "0 200000 65536\n");
+        assert_eq!(maps.gid_map, "0 200000 65536\n");
+        assert!(
+            pins.pins(Path::new("/p"))
+                .contains(&("user", PathBuf::from("/p/user")))
+        );
+
+        let refused = |c: PodSandboxConfig, why: &str| {
+            let err = validate(&c, "").expect_err(why);
+            assert!(err.to_string().contains("userns_options"), "{why}: {err}");
+        };
+        let two = vec![range(0, 1000, 100_000), range(0, 2000, 100_000)];
+        refused(
+            with_userns(two.clone(), two, NamespaceMode::Pod),
+            "two ranges",
+        );
+        let from_1 = vec![range(1, 1000, 100_000)];
+        refused(
+            with_userns(from_1.clone(), from_1, NamespaceMode::Pod),
+            "0 not mapped",
+        );
+        refused(
+            with_userns(one.clone(), vec![], NamespaceMode::Pod),
+            "no gid range",
+        );
+        let empty = vec![range(0, 1000, 0)];
+        refused(
+            with_userns(empty.clone(), empty, NamespaceMode::Pod),
+            "empty range",
+        );
+        let wraps = vec![range(0, u32::MAX - 10, 100)];
+        refused(
+            with_userns(wraps.clone(), wraps, NamespaceMode::Pod),
+            "past the last id",
+        );
+        refused(
+            with_userns(vec![], vec![], NamespaceMode::Container),
+            "CONTAINER",
+        );
+        refused(with_userns(vec![], vec![], NamespaceMode::Target), "TARGET");
+        refused(
+            with_userns(one.clone(), one.clone(), NamespaceMode::Node),
+            "NODE with maps",
+        );
+        let mut host_net = with_userns(one.clone(), one, NamespaceMode::Pod);
+        if let Some(o) = host_net
+            .linux
+            .as_mut()
+            .and_then(|l| l.security_context.as_mut())
+            .and_then(|s| s.namespace_options.as_mut())
+        {
+            o.network = NamespaceMode::Node as i32;
+        }
+        refused(host_net, "host network");
+
+        let node = validate(&with_userns(vec![], vec![], NamespaceMode::Node), "").expect("NODE");
+        assert_eq!(node.user, None);
     }
 
     #[test]

@@ -1,11 +1,18 @@
-//! A pod's shared namespaces (network, IPC, UTS), pinned by bind mounts so
-//! that a pod needs no process of its own (CRI-O's `pinns`).
+//! A pod's shared namespaces (network, IPC, UTS and, with `hostUsers:
+//! false`, user), pinned by bind mounts so that a pod needs no process of
+//! its own (CRI-O's `pinns`).
 //!
 //! The namespaces are made by a thread of the daemon's own, which joins the
 //! pins' mount namespace, unshares the pod's namespaces, binds them and
 //! ends: namespaces are per thread, so nothing else of the daemon moves.
+//! A user namespace is the exception: only a single-threaded process may
+//! make one, and the pod's other namespaces must be made inside it to be
+//! owned by it. So a short-lived holder process makes them all; the thread
+//! writes its id maps, joins its other namespaces and pins them.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
@@ -41,6 +48,15 @@ pub struct PinRequest {
     pub hostname: String,
     /// Pod-level sysctls, already checked to belong to the new namespaces.
     pub sysctls: Vec<(String, String)>,
+    /// The pod's own user namespace, which then owns the others.
+    pub user: Option<UserNamespaceMaps>,
+}
+
+/// A pod user namespace's id maps, as `/proc/<pid>/{uid,gid}_map` take them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserNamespaceMaps {
+    pub uid_map: String,
+    pub gid_map: String,
 }
 
 impl PinRequest {
@@ -69,11 +85,16 @@ impl PinRequest {
 
     /// The pins `pin` makes in `dir`, by namespace name.
     pub fn pins(&self, dir: &Path) -> Vec<(&'static str, PathBuf)> {
-        [("net", self.net), ("ipc", self.ipc), ("uts", self.uts)]
-            .into_iter()
-            .filter(|(_, wanted)| *wanted)
-            .map(|(name, _)| (name, dir.join(name)))
-            .collect()
+        [
+            ("net", self.net),
+            ("ipc", self.ipc),
+            ("uts", self.uts),
+            ("user", self.user.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, wanted)| *wanted)
+        .map(|(name, _)| (name, dir.join(name)))
+        .collect()
     }
 }
 
@@ -112,24 +133,34 @@ pub(super) fn unpin_one(path: &Path) -> Result<(), PinError> {
 
 /// Makes the pod's namespaces and pins them in `dir`, inside the mount
 /// namespace pinned at `mount_ns` (see `pin_ns`). The calling thread is
-/// left in all of them: call it on a thread of its own that ends after it.
-/// namespaces(7) are per thread, so the daemon's other threads keep
-/// theirs, and no process is started for it.
+/// left in all of them but the user namespace: call it on a thread of its
+/// own that ends after it. namespaces(7) are per thread, so the daemon's
+/// other threads keep theirs. A pod with a user namespace of its own gets
+/// its namespaces from a holder process, `holder pause`, which is gone
+/// when this returns.
 pub(super) fn make_and_pin(
     dir: &Path,
     mount_ns: &Path,
     request: &PinRequest,
+    holder: &Path,
 ) -> Result<(), PinError> {
     let flags = request.flags();
     let planned = {
         let map = request.sysctls.iter().cloned().collect();
         sysctl::plan(Some(&map), flags)?
     };
+    let holder = match &request.user {
+        Some(maps) => Some(Holder::start(holder, flags, maps)?),
+        None => None,
+    };
     super::pin_ns::join(mount_ns)?;
-    nix::sched::unshare(flags).map_err(|errno| PinError::Sys {
-        op: format!("unshare {flags:?}"),
-        errno,
-    })?;
+    match &holder {
+        Some(holder) => holder.join(flags)?,
+        None => nix::sched::unshare(flags).map_err(|errno| PinError::Sys {
+            op: format!("unshare {flags:?}"),
+            errno,
+        })?,
+    }
     if request.uts && !request.hostname.is_empty() {
         nix::unistd::sethostname(&request.hostname).map_err(|errno| PinError::Sys {
             op: format!("sethostname {:?}", request.hostname),
@@ -151,7 +182,11 @@ pub(super) fn make_and_pin(
             source,
         })?;
         // thread-self: /proc/self would name the main thread's namespaces.
-        let source = PathBuf::from("/proc/thread-self/ns").join(name);
+        // The user namespace is only the holder's.
+        let source = match (&holder, name) {
+            (Some(holder), "user") => holder.namespace("user"),
+            _ => PathBuf::from("/proc/thread-self/ns").join(name),
+        };
         nix::mount::mount(
             Some(&source),
             &path,
@@ -165,6 +200,92 @@ pub(super) fn make_and_pin(
         })?;
     }
     Ok(())
+}
+
+/// A process in a new user namespace and the pod's other new namespaces,
+/// made inside it so that it owns them. It runs the pause loop until it
+/// is dropped, which kills and reaps it.
+struct Holder {
+    child: Child,
+}
+
+impl Holder {
+    /// Starts `program pause` in a new user namespace and `flags`, and
+    /// writes the namespace's id maps. Blocking.
+    fn start(
+        program: &Path,
+        flags: CloneFlags,
+        maps: &UserNamespaceMaps,
+    ) -> Result<Holder, PinError> {
+        let flags = flags | CloneFlags::CLONE_NEWUSER;
+        let mut command = Command::new(program);
+        command
+            .arg("pause")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: the closure runs in the forked child before exec and makes
+        // one syscall, unshare(2), which is async-signal-safe; a new user
+        // namespace needs a single-threaded process, which the child is.
+        #[allow(unsafe_code)]
+        unsafe {
+            command.pre_exec(move || nix::sched::unshare(flags).map_err(std::io::Error::from));
+        }
+        let child = command.spawn().map_err(|source| PinError::Io {
+            op: "start the user namespace holder",
+            path: program.to_path_buf(),
+            source,
+        })?;
+        let holder = Holder { child };
+        // Written by this privileged process, a gid map needs no
+        // `setgroups deny`: the pod's processes may set their groups.
+        for (file, map) in [("uid_map", &maps.uid_map), ("gid_map", &maps.gid_map)] {
+            let path = PathBuf::from(format!("/proc/{}/{file}", holder.child.id()));
+            std::fs::write(&path, map).map_err(|source| PinError::Io {
+                op: "write",
+                path,
+                source,
+            })?;
+        }
+        Ok(holder)
+    }
+
+    fn namespace(&self, kind: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/{kind}", self.child.id()))
+    }
+
+    /// Moves the calling thread into the holder's namespaces among `flags`
+    /// (not its user namespace: a thread of a threaded process cannot
+    /// join one, and need not, being privileged over it from outside).
+    fn join(&self, flags: CloneFlags) -> Result<(), PinError> {
+        for (flag, kind) in [
+            (CloneFlags::CLONE_NEWNET, "net"),
+            (CloneFlags::CLONE_NEWIPC, "ipc"),
+            (CloneFlags::CLONE_NEWUTS, "uts"),
+        ] {
+            if !flags.contains(flag) {
+                continue;
+            }
+            let path = self.namespace(kind);
+            let ns = std::fs::File::open(&path).map_err(|source| PinError::Io {
+                op: "open",
+                path: path.clone(),
+                source,
+            })?;
+            nix::sched::setns(&ns, flag).map_err(|errno| PinError::Sys {
+                op: format!("join {}", path.display()),
+                errno,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[cfg(test)]

@@ -14,9 +14,14 @@ use tonic::{Request, Response, Status};
 use super::error::invalid;
 use super::list::Lists;
 use super::{container, metrics, sandbox, stats, streaming};
+
 use crate::config::CgroupDriver as ConfigCgroupDriver;
 use crate::daemon::Daemon;
 use crate::network::Readiness;
+
+/// Whether pods may have user namespaces here: read once, as kubelet asks
+/// for the status every few seconds.
+static USER_NAMESPACES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
 /// The CRI API version berth speaks, as kubelet's `Version` call expects.
 const KUBE_API_VERSION: &str = "0.1.0";
@@ -96,13 +101,15 @@ impl RuntimeService for Runtime {
             }),
             info,
             // The default handler only. Recursive read-only mounts
-            // (mount_setattr) and the Strict supplemental-groups policy are
-            // built; user namespaces for pods are not, so not claimed.
+            // (mount_setattr), pod user namespaces and the Strict
+            // supplemental-groups policy are built; user namespaces are
+            // claimed where the kernel allows them.
             runtime_handlers: vec![RuntimeHandler {
                 name: String::new(),
                 features: Some(RuntimeHandlerFeatures {
                     recursive_read_only_mounts: true,
-                    user_namespaces: false,
+                    user_namespaces: *USER_NAMESPACES
+                        .get_or_init(crate::check::user_namespaces_enabled),
                 }),
             }],
             features: Some(RuntimeFeatures {

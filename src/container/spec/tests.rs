@@ -3,9 +3,9 @@
 
 use super::*;
 use k8s_cri::v1::{
-    Capability as CriCapability, ContainerMetadata, Device, HugepageLimit, ImageSpec, KeyValue,
-    LinuxContainerConfig, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount as CriMount,
-    NamespaceOption, PodSandboxMetadata, UserNamespace,
+    Capability as CriCapability, ContainerMetadata, Device, HugepageLimit, IdMapping, ImageSpec,
+    KeyValue, LinuxContainerConfig, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    Mount as CriMount, NamespaceOption, PodSandboxMetadata, UserNamespace,
 };
 use tempfile::TempDir;
 
@@ -91,6 +91,7 @@ impl Fx {
             uts: Some(pod.join("ns/uts")),
             pid: None,
             target_pid: None,
+            user: None,
         };
         let files = PodFiles {
             hostname: pod.join("hostname"),
@@ -1358,27 +1359,144 @@ fn pid_target_mode_joins_the_target() {
     assert_eq!(pid_ns(&fx), Some(Some(PathBuf::from("/proc/7/ns/pid"))));
 }
 
+fn pod_userns(host_id: u32) -> UserNamespace {
+    let mapping = vec![IdMapping {
+        container_id: 0,
+        host_id,
+        length: 65536,
+    }];
+    UserNamespace {
+        mode: NamespaceMode::Pod as i32,
+        uids: mapping.clone(),
+        gids: mapping,
+    }
+}
+
+/// The pod (sandbox config and pinned namespace) and the container both
+/// ask for `userns`.
+fn set_userns(fx: &mut Fx, userns: Option<UserNamespace>) {
+    fx.sandbox
+        .linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+        .namespace_options
+        .get_or_insert_with(Default::default)
+        .userns_options = userns.clone();
+    fx.sc()
+        .namespace_options
+        .get_or_insert_with(Default::default)
+        .userns_options = userns.clone();
+    fx.ns.user = userns
+        .filter(|u| u.mode == NamespaceMode::Pod as i32)
+        .map(|_| fx.dir.path().join("pod/ns/user"));
+}
+
 #[test]
-fn user_namespaces_are_refused_clearly_but_node_mode_is_fine() {
+fn node_mode_is_the_hosts_user_namespace() {
     let mut fx = Fx::new();
-    fx.sc().namespace_options = Some(NamespaceOption {
-        pid: NamespaceMode::Container as i32,
-        userns_options: Some(UserNamespace {
+    set_userns(
+        &mut fx,
+        Some(UserNamespace {
             mode: NamespaceMode::Node as i32,
             ..UserNamespace::default()
         }),
-        ..NamespaceOption::default()
-    });
-    assert!(fx.build().is_ok());
+    );
+    let spec = fx.spec();
+    let linux = linux(&spec);
+    assert!(
+        !namespaces(&spec)
+            .iter()
+            .any(|(t, _)| *t == LinuxNamespaceType::User)
+    );
+    assert!(linux.uid_mappings().is_none());
+}
+
+#[test]
+fn a_pods_user_namespace_is_joined_first_with_its_maps_shown() {
+    let mut fx = Fx::new();
+    set_userns(&mut fx, Some(pod_userns(200_000)));
+    let spec = fx.spec();
+    let first = namespaces(&spec).first().cloned().expect("namespaces");
+    assert_eq!(
+        first,
+        (
+            LinuxNamespaceType::User,
+            Some(fx.dir.path().join("pod/ns/user"))
+        )
+    );
+    let map = linux(&spec).uid_mappings().clone().expect("uid maps");
+    assert_eq!(
+        (map[0].container_id(), map[0].host_id(), map[0].size()),
+        (0, 200_000, 65536)
+    );
+    assert!(linux(&spec).gid_mappings().is_some());
+}
+
+#[test]
+fn a_containers_user_namespace_must_be_its_pods() {
+    let mut fx = Fx::new();
+    set_userns(&mut fx, Some(pod_userns(200_000)));
+    // Other maps than the pod's.
     fx.sc()
         .namespace_options
         .as_mut()
-        .expect("o")
-        .userns_options
+        .expect("options")
+        .userns_options = Some(pod_userns(300_000));
+    assert!(fx.err().contains("must be the pod's"), "{}", fx.err());
+    // None where the pod has one.
+    fx.sc()
+        .namespace_options
         .as_mut()
-        .expect("u")
-        .mode = NamespaceMode::Pod as i32;
-    assert!(fx.err().contains("user namespaces"), "{}", fx.err());
+        .expect("options")
+        .userns_options = None;
+    assert!(fx.err().contains("must be the pod's"), "{}", fx.err());
+    // POD mode, but no pinned namespace (a pod made without one).
+    set_userns(&mut fx, Some(pod_userns(200_000)));
+    fx.ns.user = None;
+    assert!(fx.err().contains("no user namespace"), "{}", fx.err());
+}
+
+#[test]
+fn in_a_pods_user_namespace_volumes_and_pod_files_are_idmapped() {
+    let mut fx = Fx::new();
+    set_userns(&mut fx, Some(pod_userns(200_000)));
+    let volume = fx.dir.path().join("vol");
+    std::fs::create_dir_all(&volume).expect("volume");
+    let maps = pod_userns(200_000);
+    fx.config.mounts = vec![CriMount {
+        container_path: "/data".into(),
+        host_path: volume.display().to_string(),
+        uid_mappings: maps.uids.clone(),
+        gid_mappings: maps.gids.clone(),
+        ..CriMount::default()
+    }];
+    let spec = fx.spec();
+    let mapped = |dst: &str| {
+        let m = spec
+            .mounts()
+            .as_ref()
+            .expect("mounts")
+            .iter()
+            .find(|m| m.destination() == Path::new(dst))
+            .unwrap_or_else(|| panic!("no mount on {dst}"));
+        m.uid_mappings()
+            .as_ref()
+            .map(|u| (u[0].container_id(), u[0].host_id(), u[0].size()))
+    };
+    for dst in ["/data", "/etc/hostname", "/etc/resolv.conf"] {
+        assert_eq!(mapped(dst), Some((0, 200_000, 65536)), "{dst}");
+    }
+    // tmpfs has idmapped mounts only since Linux 6.3 (containerd too).
+    assert_eq!(mapped("/dev/shm"), None);
+
+    // A volume's maps must be the pod's: berth maps through its namespace.
+    fx.config.mounts[0].uid_mappings = pod_userns(300_000).uids;
+    assert!(fx.err().contains("uid_mappings"), "{}", fx.err());
+    // And without a user namespace there is nothing to map through.
+    set_userns(&mut fx, None);
+    fx.config.mounts[0].uid_mappings = maps.uids;
+    assert!(fx.err().contains("uid_mappings"), "{}", fx.err());
 }
 
 // -------------------------------------------------------------- resources
