@@ -1958,12 +1958,16 @@ async fn a_pod_with_a_user_namespace_of_its_own_runs_containers_as_root_only_the
         ..NamespaceOption::default()
     };
     let mut config = rig.pod_config("userns");
-    if let Some(sc) = config
-        .linux
-        .as_mut()
-        .and_then(|l| l.security_context.as_mut())
-    {
-        sc.namespace_options = Some(options.clone());
+    if let Some(linux) = config.linux.as_mut() {
+        // Set by the daemon's thread from outside the pod's namespace.
+        linux.sysctls = [(
+            "net.ipv4.ip_unprivileged_port_start".to_string(),
+            "80".to_string(),
+        )]
+        .into();
+        if let Some(sc) = linux.security_context.as_mut() {
+            sc.namespace_options = Some(options.clone());
+        }
     }
     let pod = rig.run_pod(config).await;
 
@@ -2030,6 +2034,38 @@ async fn a_pod_with_a_user_namespace_of_its_own_runs_containers_as_root_only_the
     assert_ne!(ns(&pid.to_string(), "net"), ns("self", "net"));
     let hostname = rig.exec_ok(&id, &["hostname"]).await;
     assert_eq!(hostname.trim(), "userns");
+    let port_start = rig
+        .exec_ok(
+            &id,
+            &["cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start"],
+        )
+        .await;
+    assert_eq!(port_start.trim(), "80");
+
+    // A daemon started again finds the pod's user namespace for its next
+    // container.
+    rig.kill_daemon();
+    rig.restart_daemon().await;
+    let mut again = container("again", &busybox, &["cat", "/proc/self/uid_map"]);
+    again.linux = rig.pods[&pod].linux.as_ref().map(|l| LinuxContainerConfig {
+        security_context: Some(LinuxContainerSecurityContext {
+            namespace_options: l
+                .security_context
+                .as_ref()
+                .and_then(|s| s.namespace_options.clone()),
+            ..LinuxContainerSecurityContext::default()
+        }),
+        ..LinuxContainerConfig::default()
+    });
+    let again = rig.run(&pod, again).await;
+    rig.wait_exited(&again).await;
+    let log = cri_log(&rig.log_dir(&pod).join("again.log"));
+    let mapped: Vec<String> = log.iter().map(|(_, _, line)| line.clone()).collect();
+    assert_eq!(
+        mapped.concat().split_whitespace().collect::<Vec<_>>(),
+        ["0", "300000", "65536"],
+        "{log:?}"
+    );
 
     rig.stop(&id, 0).await;
     rig.remove(&id).await;
