@@ -1058,8 +1058,7 @@ mod tests {
 
     #[test]
     fn an_idmapped_tree_shows_the_owners_through_the_namespace() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipping: idmapped mounts need root");
+        if !crate::executor::test_support::root_or_skip("idmapped mounts") {
             return;
         }
         let dir = tempfile::tempdir().expect("tempdir");

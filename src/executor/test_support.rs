@@ -167,6 +167,16 @@ pub(crate) fn read_all(mut f: std::fs::File) -> String {
     s
 }
 
+/// True when this test runs as root; otherwise says the test is skipped
+/// and why (`needs`: what root is needed for).
+pub(crate) fn root_or_skip(needs: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        eprintln!("skipping: needs root ({needs})");
+    }
+    root
+}
+
 /// A user namespace mapping ids 0..65536 to `host_id`.., held by a
 /// `sleep` made in it; killed and reaped on drop.
 pub(crate) struct TestUserNamespace {
