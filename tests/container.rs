@@ -1981,13 +1981,25 @@ async fn a_pod_with_a_user_namespace_of_its_own_runs_containers_as_root_only_the
             ..LinuxContainerSecurityContext::default()
         },
     );
-    root.mounts = vec![Mount {
-        container_path: "/data".into(),
-        host_path: volume.display().to_string(),
-        uid_mappings: range.clone(),
-        gid_mappings: range,
-        ..Mount::default()
-    }];
+    root.mounts = vec![
+        Mount {
+            container_path: "/data".into(),
+            host_path: volume.display().to_string(),
+            uid_mappings: range.clone(),
+            gid_mappings: range,
+            ..Mount::default()
+        },
+        // An image volume, seen through the namespace as the rootfs is.
+        Mount {
+            container_path: "/image".into(),
+            image: Some(ImageSpec {
+                image: busybox.clone(),
+                ..ImageSpec::default()
+            }),
+            readonly: true,
+            ..Mount::default()
+        },
+    ];
     let id = rig.run(&pod, root).await;
 
     // Root in the namespace, with the pod's maps; 300000 on the host.
@@ -2007,10 +2019,10 @@ async fn a_pod_with_a_user_namespace_of_its_own_runs_containers_as_root_only_the
 
     // The image's files are the namespace's root's; what the container
     // writes to its rootfs is that root's on the host.
-    let owner = rig
-        .exec_ok(&id, &["stat", "-c", "%u:%g", "/bin/busybox"])
-        .await;
-    assert_eq!(owner.trim(), "0:0");
+    for file in ["/bin/busybox", "/image/bin/busybox"] {
+        let owner = rig.exec_ok(&id, &["stat", "-c", "%u:%g", file]).await;
+        assert_eq!(owner.trim(), "0:0", "{file}");
+    }
     rig.exec_ok(&id, &["sh", "-c", "echo mine > /written"])
         .await;
     let upper = rig.base().join("root/containers").join(&id).join("upper");
@@ -2069,5 +2081,81 @@ async fn a_pod_with_a_user_namespace_of_its_own_runs_containers_as_root_only_the
 
     rig.stop(&id, 0).await;
     rig.remove(&id).await;
+    rig.finish().await;
+}
+
+/// kubelet's image volumes (KEP 4639): a CRI mount of an image is that
+/// image's files, read-only, whiteouts applied; the image is in use while
+/// the container is, and the daemon keeps no mount of it.
+#[tokio::test]
+async fn an_image_volume_is_the_images_files_read_only() {
+    let Some(mut rig) = Rig::start().await else {
+        return;
+    };
+    let busybox = rig.pull("busybox").await;
+    let layers = rig.pull("layers").await;
+    let pod = rig.pod("imagevolume").await;
+    let mut reader = container("reader", &busybox, SLEEPER);
+    reader.mounts = vec![Mount {
+        container_path: "/volume".into(),
+        image: Some(ImageSpec {
+            image: layers.clone(),
+            ..ImageSpec::default()
+        }),
+        readonly: true,
+        ..Mount::default()
+    }];
+    let id = rig.run(&pod, reader).await;
+
+    assert_eq!(rig.exec_ok(&id, &["cat", "/volume/data/b"]).await, "b\n");
+    assert_eq!(
+        rig.exec_ok(&id, &["cat", "/volume/data/dir/z"]).await,
+        "z\n"
+    );
+    let (hidden, _, _) = rig.exec(&id, &["test", "-e", "/volume/data/a"]).await;
+    assert_ne!(hidden, 0, "the whiteout of a later layer hides data/a");
+    let (code, _, err) = rig.exec(&id, &["touch", "/volume/new"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("Read-only"), "{err}");
+
+    let remove = |image: String| {
+        let mut client = rig.image_client.clone();
+        async move {
+            client
+                .remove_image(RemoveImageRequest {
+                    image: Some(ImageSpec {
+                        image,
+                        ..ImageSpec::default()
+                    }),
+                })
+                .await
+        }
+    };
+    let in_use = remove(layers.clone()).await.expect_err("in use");
+    assert!(in_use.message().contains(&id), "{in_use:?}");
+
+    let volumes = rig
+        .base()
+        .join("root/containers")
+        .join(&id)
+        .join("image-volumes");
+    within(
+        "the daemon's mounts to go",
+        Duration::from_secs(10),
+        async {
+            while !mounts_under(&volumes).is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+    // The container keeps its own.
+    assert_eq!(rig.exec_ok(&id, &["cat", "/volume/data/b"]).await, "b\n");
+
+    rig.stop(&id, 0).await;
+    rig.remove(&id).await;
+    remove(layers)
+        .await
+        .expect("RemoveImage once no container uses it");
     rig.finish().await;
 }

@@ -127,6 +127,10 @@ pub struct ContainerRecord {
     pub image_id: String,
     /// The digest reference the image was pulled by, or its ID.
     pub image_ref: String,
+    /// The IDs of the images mounted as image volumes; in use, like
+    /// `image_id`, while the record exists.
+    #[serde(default)]
+    pub volume_image_ids: Vec<String>,
     pub state: ContainerState,
     pub created_at: i64,
     pub started_at: i64,
@@ -166,6 +170,7 @@ impl ContainerRecord {
             config: ContainerConfig::default(),
             image_id: String::new(),
             image_ref: String::new(),
+            volume_image_ids: Vec::new(),
             state: ContainerState::Creating,
             created_at: 0,
             started_at: 0,
@@ -538,6 +543,19 @@ impl ContainerManager {
             .resolve(&image_name)
             .await?
             .ok_or_else(|| ContainerError::ImageNotFound(image_name.clone()))?;
+        // kubelet pulled the images of image volumes before; by index of
+        // their mount.
+        let mut volume_images = Vec::new();
+        for (i, m) in config.mounts.iter().enumerate() {
+            if let Some(name) = m.image.as_ref().map(|i| &i.image).filter(|n| !n.is_empty()) {
+                let record = self
+                    .images
+                    .resolve(name)
+                    .await?
+                    .ok_or_else(|| ContainerError::ImageNotFound(name.clone()))?;
+                volume_images.push((i, record));
+            }
+        }
 
         let id = crate::ids::new_id().map_err(|source| ContainerError::Io {
             op: "read",
@@ -561,6 +579,10 @@ impl ContainerManager {
                 .first()
                 .cloned()
                 .unwrap_or_else(|| image.id.to_string()),
+            volume_image_ids: volume_images
+                .iter()
+                .map(|(_, v)| v.id.to_string())
+                .collect(),
             created_at: now_ns(),
             log_path,
             stop_signal: spec::stop_signal(&image.config),
@@ -571,7 +593,10 @@ impl ContainerManager {
         // that finds the create in flight waits for this lock (`for_pod`).
         let _lock = self.locks.lock(&id).await;
         let _reservation = self.reserve_name(&container, &pod).await?;
-        match self.make(&mut container, &pod, &image).await {
+        match self
+            .make(&mut container, &pod, &image, &volume_images)
+            .await
+        {
             Ok(()) => {
                 self.events.publish(
                     &container.id,
@@ -661,6 +686,7 @@ impl ContainerManager {
         container: &mut ContainerRecord,
         pod: &PodRecord,
         image: &ImageRecord,
+        volume_images: &[(usize, ImageRecord)],
     ) -> Result<(), ContainerError> {
         let bundle = container.bundle.clone();
         std::fs::create_dir_all(&bundle).map_err(io_err("create", &bundle))?;
@@ -709,7 +735,14 @@ impl ContainerManager {
             _ => None,
         };
         let prepared = self
-            .prepare_rootfs_and_spec(container, pod, image, &bundle, cgroup.as_ref())
+            .prepare_rootfs_and_spec(
+                container,
+                pod,
+                image,
+                volume_images,
+                &bundle,
+                cgroup.as_ref(),
+            )
             .await;
         let made = match making_cgroup {
             Some(task) => Some(task.await.map_err(|e| ContainerError::Io {
@@ -810,19 +843,20 @@ impl ContainerManager {
         container: &mut ContainerRecord,
         pod: &PodRecord,
         image: &ImageRecord,
+        volume_images: &[(usize, ImageRecord)],
         bundle: &Path,
         cgroup: Option<&crate::executor::cgroups::CgroupPath>,
     ) -> Result<(Duration, Duration, Duration, PathBuf), ContainerError> {
         let t0 = std::time::Instant::now();
-        let (snapshots, id, chain_ids) = (
-            self.snapshots.clone(),
-            container.id.clone(),
-            image
-                .layers
-                .iter()
-                .map(|l| l.chain_id.clone())
-                .collect::<Vec<_>>(),
-        );
+        let chain_ids = |image: &ImageRecord| -> Vec<_> {
+            image.layers.iter().map(|l| l.chain_id.clone()).collect()
+        };
+        let (snapshots, id) = (self.snapshots.clone(), container.id.clone());
+        let rootfs_layers = chain_ids(image);
+        let volume_layers: Vec<(usize, Vec<_>)> = volume_images
+            .iter()
+            .map(|(i, image)| (*i, chain_ids(image)))
+            .collect();
         let security = container
             .config
             .linux
@@ -832,10 +866,17 @@ impl ContainerManager {
         let idmap = self.idmapped_rootfs(pod);
         // One trip to the blocking pool: each costs a thread wake-up both
         // ways, and CreateContainer is on the pod start path.
-        let (rootfs, resolved) = blocking(move || -> Result<_, ContainerError> {
-            let rootfs = snapshots.prepare(&id, &chain_ids, idmap.as_ref())?.target;
+        let (rootfs, resolved, image_volumes) = blocking(move || -> Result<_, ContainerError> {
+            let rootfs = snapshots
+                .prepare(&id, &rootfs_layers, idmap.as_ref())?
+                .target;
             let resolved = user::resolve(&rootfs, &image_user, security.as_ref())?;
-            Ok((rootfs, resolved))
+            let mut image_volumes = HashMap::new();
+            for (i, layers) in &volume_layers {
+                let mounted = snapshots.mount_image_volume(&id, *i, layers, idmap.as_ref())?;
+                image_volumes.insert(*i, mounted);
+            }
+            Ok((rootfs, resolved, image_volumes))
         })
         .await??;
         let t_rootfs = t0.elapsed();
@@ -868,6 +909,7 @@ impl ContainerManager {
             user: resolved,
             host: spec::HostInfo::get(),
             volumes_dir: &volumes_dir,
+            image_volumes: &image_volumes,
             pids_limit: None,
         };
         let spec = spec::build(&input)?;

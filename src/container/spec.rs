@@ -331,6 +331,9 @@ pub struct SpecInput<'a> {
     pub host: &'a HostInfo,
     /// Image VOLUMEs get an empty directory each under here.
     pub volumes_dir: &'a Path,
+    /// The mounted images of the config's image volumes (CRI mounts of an
+    /// image), by the mount's index.
+    pub image_volumes: &'a HashMap<usize, PathBuf>,
     /// From berth's config (kubelet sends none).
     pub pids_limit: Option<i64>,
 }
@@ -913,10 +916,30 @@ fn mounts(
     for (i, m) in config.mounts.iter().enumerate() {
         let field = format!("mounts[{i}]");
         if m.image.as_ref().is_some_and(|img| !img.image.is_empty()) {
-            return Err(invalid(
-                format!("{field}.image"),
-                "image volumes (mounts from an OCI image) are not supported by berth yet",
-            ));
+            if !m.host_path.is_empty() {
+                return Err(invalid(
+                    format!("{field}.host_path"),
+                    "must be empty for a mount of an image",
+                ));
+            }
+            let Some(mounted) = input.image_volumes.get(&i) else {
+                return Err(invalid(
+                    format!("{field}.image"),
+                    "the image is not mounted",
+                ));
+            };
+            // An image volume is read-only by definition (KEP 4639), and
+            // already seen through the pod's user namespace if it has one.
+            binds.push(BindRequest {
+                field,
+                container_path: m.container_path.clone(),
+                host_path: mounted.clone(),
+                readonly: true,
+                recursive_read_only: false,
+                propagation: MountPropagation::PropagationPrivate,
+                idmap: false,
+            });
+            continue;
         }
         if !m.container_path.starts_with('/') {
             return Err(invalid(

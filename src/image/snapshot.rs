@@ -45,6 +45,9 @@ pub enum SnapshotError {
     },
 }
 
+/// Where a container's image volumes are mounted, under its directory.
+const IMAGE_VOLUMES: &str = "image-volumes";
+
 /// The user namespace whose root owns a container's rootfs: its pod's own
 /// (`hostUsers: false`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,15 +114,7 @@ impl Snapshots {
         idmap: Option<&IdmappedRootfs>,
     ) -> Result<RootfsMount, SnapshotError> {
         let dir = self.container_dir(id)?;
-        let mut lower = Vec::with_capacity(chain_ids.len());
-        for chain_id in chain_ids.iter().rev() {
-            if !self.layers.contains(chain_id) {
-                return Err(SnapshotError::MissingLayer {
-                    chain_id: chain_id.clone(),
-                });
-            }
-            lower.push(self.layers.path(chain_id));
-        }
+        let lower = self.lower_dirs(chain_ids)?;
         let mount = RootfsMount {
             lower,
             upper: dir.join("upper"),
@@ -134,8 +129,21 @@ impl Snapshots {
             })?;
         }
         let mounted = match idmap {
-            None => mount_overlay(&mount),
-            Some(idmap) => self.mount_idmapped(&dir, &mount, idmap),
+            None => mount_overlay(&mount.overlay()),
+            Some(idmap) => chown(&mount.upper, Some(idmap.root_uid), Some(idmap.root_gid))
+                .map_err(|source| SnapshotError::Io {
+                    op: "chown",
+                    path: mount.upper.clone(),
+                    source,
+                })
+                .and_then(|()| {
+                    self.with_idmapped_layers(&dir, &mount.lower, idmap, &mount.target, |lower| {
+                        mount_overlay(&Overlay {
+                            lower,
+                            ..mount.overlay()
+                        })
+                    })
+                }),
         };
         if let Err(e) = mounted {
             let _ = self.remove(id);
@@ -144,13 +152,75 @@ impl Snapshots {
         Ok(mount)
     }
 
-    /// Mounts the overlay over an idmapped view of the layers, attached at
-    /// `dir/lower` for as long as the overlay's mount takes.
-    fn mount_idmapped(
+    /// Mounts an image's layers (`chain_ids` bottom first) read-only at
+    /// `<id>/image-volumes/<n>`, for the container's `n`th image volume (a
+    /// CRI mount of an image, kubelet's image volume source); with `idmap`,
+    /// seen through that user namespace. Removed with the container's
+    /// writable layer. Blocking.
+    pub fn mount_image_volume(
+        &self,
+        id: &str,
+        n: usize,
+        chain_ids: &[Digest],
+        idmap: Option<&IdmappedRootfs>,
+    ) -> Result<PathBuf, SnapshotError> {
+        let dir = self.container_dir(id)?;
+        let volumes = dir.join(IMAGE_VOLUMES);
+        let target = volumes.join(n.to_string());
+        // Without an upper dir, overlay wants two lowers at least: an empty
+        // one goes at the bottom.
+        let empty = volumes.join("empty");
+        let lower = self.lower_dirs(chain_ids)?;
+        for path in [&target, &empty] {
+            std::fs::create_dir_all(path).map_err(|source| SnapshotError::Io {
+                op: "create",
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let mount = |mut lower: Vec<PathBuf>| {
+            lower.push(empty.clone());
+            mount_overlay(&Overlay {
+                lower,
+                upper: None,
+                target: &target,
+            })
+        };
+        match idmap {
+            None => mount(lower)?,
+            Some(idmap) => self.with_idmapped_layers(&dir, &lower, idmap, &target, mount)?,
+        }
+        Ok(target)
+    }
+
+    /// The layer dirs of `chain_ids` (bottom first), top first as overlay
+    /// takes them.
+    fn lower_dirs(&self, chain_ids: &[Digest]) -> Result<Vec<PathBuf>, SnapshotError> {
+        chain_ids
+            .iter()
+            .rev()
+            .map(|chain_id| {
+                if self.layers.contains(chain_id) {
+                    Ok(self.layers.path(chain_id))
+                } else {
+                    Err(SnapshotError::MissingLayer {
+                        chain_id: chain_id.clone(),
+                    })
+                }
+            })
+            .collect()
+    }
+
+    /// Runs `mount` with `lower` (layer dirs) seen through an idmapped view
+    /// of the layer store, attached at `dir/lower` for as long as the mount
+    /// takes: overlay keeps its own references to its layers.
+    fn with_idmapped_layers(
         &self,
         dir: &Path,
-        mount: &RootfsMount,
+        lower: &[PathBuf],
         idmap: &IdmappedRootfs,
+        target: &Path,
+        mount: impl FnOnce(Vec<PathBuf>) -> Result<(), SnapshotError>,
     ) -> Result<(), SnapshotError> {
         use rustix::mount::{MoveMountFlags, OpenTreeFlags, move_mount, open_tree};
         let io = |op, path: &Path| {
@@ -158,11 +228,9 @@ impl Snapshots {
             move |source| SnapshotError::Io { op, path, source }
         };
         let mount_err = |op| {
-            let target = mount.target.clone();
+            let target = target.to_path_buf();
             move |errno| SnapshotError::Mount { target, op, errno }
         };
-        chown(&mount.upper, Some(idmap.root_uid), Some(idmap.root_gid))
-            .map_err(io("chown", &mount.upper))?;
         let userns = std::fs::File::open(&idmap.userns).map_err(io("open", &idmap.userns))?;
         let layers = self.layers.dir();
         let tree = open_tree(
@@ -178,7 +246,7 @@ impl Snapshots {
             layers,
         )
         .map_err(|source| SnapshotError::Idmap {
-            target: mount.target.clone(),
+            target: target.to_path_buf(),
             source,
         })?;
         let view = dir.join("lower");
@@ -191,15 +259,11 @@ impl Snapshots {
             MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
         )
         .map_err(mount_err("attach the idmapped layers"))?;
-        let seen = RootfsMount {
-            lower: mount
-                .lower
-                .iter()
-                .map(|l| view.join(l.strip_prefix(layers).unwrap_or(l)))
-                .collect(),
-            ..mount.clone()
-        };
-        let mounted = mount_overlay(&seen);
+        let seen = lower
+            .iter()
+            .map(|l| view.join(l.strip_prefix(layers).unwrap_or(l)))
+            .collect();
+        let mounted = mount(seen);
         let detached = detach_layers_view(dir);
         mounted?;
         detached
@@ -212,15 +276,26 @@ impl Snapshots {
     /// namespace's whole mount table. Not mounted (again, or never) is not
     /// an error. Blocking.
     pub fn detach(&self, id: &str) -> Result<(), SnapshotError> {
-        let target = self.container_dir(id)?.join("rootfs");
-        match rustix::mount::unmount(&target, rustix::mount::UnmountFlags::DETACH) {
-            Ok(()) | Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOENT) => Ok(()),
-            Err(errno) => Err(SnapshotError::Mount {
-                target,
-                op: "unmount",
-                errno,
-            }),
+        let dir = self.container_dir(id)?;
+        let mut targets = vec![dir.join("rootfs")];
+        // The image volumes too: the container's mount namespace holds its
+        // own copies.
+        if let Ok(entries) = std::fs::read_dir(dir.join(IMAGE_VOLUMES)) {
+            targets.extend(entries.flatten().map(|e| e.path()));
         }
+        for target in targets {
+            match rustix::mount::unmount(&target, rustix::mount::UnmountFlags::DETACH) {
+                Ok(()) | Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOENT) => {}
+                Err(errno) => {
+                    return Err(SnapshotError::Mount {
+                        target,
+                        op: "unmount",
+                        errno,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Unmounts and deletes the container's writable layer; a container
@@ -276,14 +351,32 @@ fn detach_layers_view(dir: &Path) -> Result<(), SnapshotError> {
     }
 }
 
-fn mount_overlay(m: &RootfsMount) -> Result<(), SnapshotError> {
+/// An overlay to mount: lower dirs (top first), and an upper and work dir
+/// unless it is read-only.
+struct Overlay<'a> {
+    lower: Vec<PathBuf>,
+    upper: Option<(&'a Path, &'a Path)>,
+    target: &'a Path,
+}
+
+impl RootfsMount {
+    fn overlay(&self) -> Overlay<'_> {
+        Overlay {
+            lower: self.lower.clone(),
+            upper: Some((&self.upper, &self.work)),
+            target: &self.target,
+        }
+    }
+}
+
+fn mount_overlay(m: &Overlay<'_>) -> Result<(), SnapshotError> {
     use rustix::mount::{
         FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, fsconfig_create,
         fsconfig_set_string, fsmount, fsopen, move_mount,
     };
     let err = |op: &'static str| {
         move |errno| SnapshotError::Mount {
-            target: m.target.clone(),
+            target: m.target.to_path_buf(),
             op,
             errno,
         }
@@ -303,47 +396,52 @@ fn mount_overlay(m: &RootfsMount) -> Result<(), SnapshotError> {
             Err(errno) => return Err(err("fsconfig lowerdir+")(errno)),
         }
     }
-    fsconfig_set_string(fs.as_fd(), "upperdir", &m.upper).map_err(err("fsconfig upperdir"))?;
-    fsconfig_set_string(fs.as_fd(), "workdir", &m.work).map_err(err("fsconfig workdir"))?;
+    let attrs = match m.upper {
+        Some((upper, work)) => {
+            fsconfig_set_string(fs.as_fd(), "upperdir", upper).map_err(err("fsconfig upperdir"))?;
+            fsconfig_set_string(fs.as_fd(), "workdir", work).map_err(err("fsconfig workdir"))?;
+            MountAttrFlags::empty()
+        }
+        None => MountAttrFlags::MOUNT_ATTR_RDONLY,
+    };
     fsconfig_create(fs.as_fd()).map_err(err("fsconfig create"))?;
-    let mnt = fsmount(
-        fs.as_fd(),
-        FsMountFlags::FSMOUNT_CLOEXEC,
-        MountAttrFlags::empty(),
-    )
-    .map_err(err("fsmount"))?;
+    let mnt = fsmount(fs.as_fd(), FsMountFlags::FSMOUNT_CLOEXEC, attrs).map_err(err("fsmount"))?;
     move_mount(
         mnt.as_fd(),
         "",
         rustix::fs::CWD,
-        &m.target,
+        m.target,
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
     )
     .map_err(err("move_mount"))
 }
 
-fn mount_overlay_legacy(m: &RootfsMount) -> Result<(), SnapshotError> {
+fn mount_overlay_legacy(m: &Overlay<'_>) -> Result<(), SnapshotError> {
     let invalid = |source: std::ffi::NulError| SnapshotError::Io {
         op: "mount options for",
-        path: m.target.clone(),
+        path: m.target.to_path_buf(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidInput, source),
     };
     let lower: Vec<String> = m.lower.iter().map(|p| p.display().to_string()).collect();
-    let options = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.join(":"),
-        m.upper.display(),
-        m.work.display()
-    );
+    let mut options = format!("lowerdir={}", lower.join(":"));
+    let mut flags = rustix::mount::MountFlags::RDONLY;
+    if let Some((upper, work)) = m.upper {
+        options.push_str(&format!(
+            ",upperdir={},workdir={}",
+            upper.display(),
+            work.display()
+        ));
+        flags = rustix::mount::MountFlags::empty();
+    }
     rustix::mount::mount(
         "overlay",
-        &m.target,
+        m.target,
         "overlay",
-        rustix::mount::MountFlags::empty(),
+        flags,
         std::ffi::CString::new(options).map_err(invalid)?.as_c_str(),
     )
     .map_err(|errno| SnapshotError::Mount {
-        target: m.target.clone(),
+        target: m.target.to_path_buf(),
         op: "mount",
         errno,
     })
@@ -427,6 +525,41 @@ mod tests {
     }
 
     #[test]
+    fn an_image_volume_is_its_layers_read_only_and_goes_with_the_container() {
+        if !crate::executor::test_support::root_or_skip("overlayfs") {
+            return;
+        }
+        let root = tempfile::tempdir().expect("tempdir");
+        let layers = LayerStore::open(root.path()).expect("layers");
+        let bottom = layer(&layers, "a", b"bottom", None);
+        let top = layer(&layers, "b", b"top", Some(&bottom));
+        let snapshots = Snapshots::new(root.path(), layers);
+        let guard = scopeguard(&snapshots, "c1");
+        // One layer (overlay then needs the empty one below) and two.
+        let one = snapshots
+            .mount_image_volume("c1", 0, std::slice::from_ref(&bottom), None)
+            .expect("one layer");
+        let two = snapshots
+            .mount_image_volume("c1", 1, &[bottom, top], None)
+            .expect("two layers");
+        assert_eq!(std::fs::read(one.join("a")).expect("read"), b"bottom");
+        assert!(!one.join("b").exists());
+        assert_eq!(std::fs::read(two.join("b")).expect("read"), b"top");
+        let write = std::fs::write(two.join("new"), b"x").expect_err("read-only");
+        assert_eq!(write.raw_os_error(), Some(libc::EROFS), "{write}");
+        drop(guard);
+        assert!(!root.path().join("containers/c1").exists());
+        assert!(
+            root.path()
+                .join("layers")
+                .read_dir()
+                .expect("layers")
+                .count()
+                >= 2
+        );
+    }
+
+    #[test]
     fn prepare_mounts_layers_with_a_writable_top_and_remove_cleans_up() {
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipping: mounting overlayfs needs root");
@@ -462,7 +595,7 @@ mod tests {
         for dir in [&legacy.target, &legacy.upper, &legacy.work] {
             std::fs::create_dir_all(dir).expect("mkdir");
         }
-        mount_overlay_legacy(&legacy).expect("legacy mount");
+        mount_overlay_legacy(&legacy.overlay()).expect("legacy mount");
         let guard = scopeguard(&snapshots, "c3");
         assert_eq!(
             std::fs::read(legacy.target.join("a")).expect("read"),

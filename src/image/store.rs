@@ -303,11 +303,18 @@ fn push_unique(list: &mut Vec<String>, value: String) {
 
 /// Containers record the image they run as `image_id`; one that does keeps
 /// its image from being removed.
+/// A container whose image, or one of whose image volumes, is image `id`.
 fn user_of(batch: &crate::store::Batch<'_>, id: &str) -> Result<Option<String>, StoreError> {
+    let uses = |c: &serde_json::Value| {
+        c.get("image_id").and_then(|v| v.as_str()) == Some(id)
+            || c.get("volume_image_ids")
+                .and_then(|v| v.as_array())
+                .is_some_and(|ids| ids.iter().any(|v| v.as_str() == Some(id)))
+    };
     Ok(batch
         .list::<serde_json::Value>(Kind::Container)?
         .into_iter()
-        .find(|(_, c)| c.get("image_id").and_then(|v| v.as_str()) == Some(id))
+        .find(|(_, c)| uses(c))
         .map(|(key, _)| key))
 }
 

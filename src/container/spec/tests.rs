@@ -19,6 +19,7 @@ struct Fx {
     files: PodFiles,
     user: ResolvedUser,
     pids: Option<i64>,
+    image_volumes: HashMap<usize, PathBuf>,
 }
 
 impl Fx {
@@ -108,6 +109,7 @@ impl Fx {
             files,
             user: ResolvedUser::default(),
             pids: None,
+            image_volumes: HashMap::new(),
         }
     }
 
@@ -127,6 +129,7 @@ impl Fx {
             user: self.user.clone(),
             host: &self.host,
             volumes_dir: &volumes,
+            image_volumes: &self.image_volumes,
             pids_limit: self.pids,
         })
     }
@@ -613,17 +616,40 @@ fn readonly_and_recursive_read_only_mounts() {
 }
 
 #[test]
-fn image_sourced_mounts_are_refused() {
+fn an_image_volume_binds_its_mounted_image_read_only() {
     let mut fx = Fx::new();
     fx.config.mounts = vec![CriMount {
         container_path: "/models".into(),
+        // kubelet asks for it read-write: an image volume is read-only all
+        // the same.
+        readonly: false,
         image: Some(ImageSpec {
             image: "registry/models:1".into(),
             ..ImageSpec::default()
         }),
         ..CriMount::default()
     }];
+    // Not mounted by the caller: refused, not bound from nowhere.
     assert!(fx.err().contains("mounts[0].image"), "{}", fx.err());
+
+    let mounted = fx.path("image-volumes/0");
+    std::fs::create_dir_all(&mounted).expect("mounted image");
+    fx.image_volumes.insert(0, mounted.clone());
+    let spec = fx.spec();
+    let m = spec
+        .mounts()
+        .as_ref()
+        .expect("mounts")
+        .iter()
+        .find(|m| m.destination() == Path::new("/models"))
+        .expect("the image volume");
+    assert_eq!(m.source().as_deref(), Some(mounted.as_path()));
+    let options = m.options().clone().unwrap_or_default();
+    assert!(options.contains(&"ro".to_string()), "{options:?}");
+
+    // The image and a host path exclude each other.
+    fx.config.mounts[0].host_path = fx.path("elsewhere").display().to_string();
+    assert!(fx.err().contains("mounts[0].host_path"), "{}", fx.err());
 }
 
 #[test]
