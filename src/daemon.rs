@@ -111,6 +111,10 @@ pub struct Daemon {
     pub streaming: StreamingServer,
     /// The pod CIDRs kubelet gave with `UpdateRuntimeConfig`, if any.
     pod_cidrs: RwLock<Vec<ipnet::IpNet>>,
+    /// Pods may have user namespaces of their own (`hostUsers: false`):
+    /// the kernel allows user namespaces and the layers' filesystem takes
+    /// idmapped mounts. Found at start; `Status` says it.
+    pub user_namespaces: bool,
 }
 
 /// The store key of the pod CIDRs kubelet sent.
@@ -158,6 +162,7 @@ impl Daemon {
                 path
             }
         };
+        let user_namespaces = user_namespaces_work(&pause, images.layers().dir());
         let sandboxes = Arc::new(SandboxManager::new(
             store.clone(),
             &config.state,
@@ -185,6 +190,7 @@ impl Daemon {
             containers,
             streaming,
             pod_cidrs: RwLock::new(pod_cidrs),
+            user_namespaces,
         })
     }
 
@@ -384,6 +390,24 @@ fn create_dir(path: &Path, mode: u32) -> Result<(), DaemonError> {
             path: path.to_path_buf(),
             source,
         })
+}
+
+/// Whether pods may have user namespaces of their own here (see
+/// `Daemon::user_namespaces`); says why not in the log.
+fn user_namespaces_work(pause: &Path, layers: &Path) -> bool {
+    if !crate::check::user_namespaces_enabled() {
+        info!(
+            "pods with user namespaces of their own (hostUsers: false) are not offered: the kernel allows no user namespaces"
+        );
+        return false;
+    }
+    match crate::sandbox::namespaces::idmapped_mounts_work(pause, layers) {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(layers = %layers.display(), "pods with user namespaces of their own (hostUsers: false) are not offered: no idmapped mounts here: {e}");
+            false
+        }
+    }
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), DaemonError> {

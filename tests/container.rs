@@ -1940,6 +1940,16 @@ async fn a_pod_with_a_user_namespace_of_its_own_runs_containers_as_root_only_the
     let Some(mut rig) = Rig::start().await else {
         return;
     };
+    // Offered: this kernel allows user namespaces and its root filesystem
+    // takes idmapped mounts, which the daemon tried at start.
+    let status = rig
+        .rt()
+        .status(StatusRequest { verbose: false })
+        .await
+        .expect("Status")
+        .into_inner();
+    let features = status.runtime_handlers[0].features.unwrap_or_default();
+    assert!(features.user_namespaces, "{status:?}");
     let busybox = rig.pull("busybox").await;
     let range = vec![IdMapping {
         container_id: 0,

@@ -37,6 +37,8 @@ pub enum PinError {
     /// A thread that makes or removes pins (see `pin_ns`) could not do it.
     #[error("pin pod namespaces: {0}")]
     Thread(String),
+    #[error(transparent)]
+    Mount(#[from] crate::executor::mounts::MountError),
 }
 
 /// Which namespaces a pod gets of its own, and what goes into them.
@@ -199,6 +201,38 @@ pub(super) fn make_and_pin(
             errno,
         })?;
     }
+    Ok(())
+}
+
+/// Whether the kernel and the filesystem of `dir` take idmapped mounts,
+/// which the containers of pods with user namespaces of their own need
+/// for their layers and volumes: a clone of `dir` is idmapped through a new
+/// user namespace (a holder's, `holder pause`) and dropped unattached.
+/// Blocking.
+pub fn idmapped_mounts_work(holder: &Path, dir: &Path) -> Result<(), PinError> {
+    use rustix::mount::{OpenTreeFlags, open_tree};
+    use std::os::fd::AsFd;
+    let maps = UserNamespaceMaps {
+        uid_map: "0 100000 65536\n".into(),
+        gid_map: "0 100000 65536\n".into(),
+    };
+    let holder = Holder::start(holder, CloneFlags::empty(), &maps)?;
+    let path = holder.namespace("user");
+    let userns = std::fs::File::open(&path).map_err(|source| PinError::Io {
+        op: "open",
+        path,
+        source,
+    })?;
+    let tree = open_tree(
+        rustix::fs::CWD,
+        dir,
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    )
+    .map_err(|errno| PinError::Sys {
+        op: format!("open_tree {}", dir.display()),
+        errno: nix::errno::Errno::from_raw(errno.raw_os_error()),
+    })?;
+    crate::executor::mounts::idmap_detached(tree.as_fd(), userns.as_fd(), 0, dir)?;
     Ok(())
 }
 

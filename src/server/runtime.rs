@@ -19,10 +19,6 @@ use crate::config::CgroupDriver as ConfigCgroupDriver;
 use crate::daemon::Daemon;
 use crate::network::Readiness;
 
-/// Whether pods may have user namespaces here: read once, as kubelet asks
-/// for the status every few seconds.
-static USER_NAMESPACES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-
 /// The CRI API version berth speaks, as kubelet's `Version` call expects.
 const KUBE_API_VERSION: &str = "0.1.0";
 const RUNTIME_NAME: &str = "berth";
@@ -103,13 +99,12 @@ impl RuntimeService for Runtime {
             // The default handler only. Recursive read-only mounts
             // (mount_setattr), pod user namespaces and the Strict
             // supplemental-groups policy are built; user namespaces are
-            // claimed where the kernel allows them.
+            // claimed where they work (`Daemon::user_namespaces`).
             runtime_handlers: vec![RuntimeHandler {
                 name: String::new(),
                 features: Some(RuntimeHandlerFeatures {
                     recursive_read_only_mounts: true,
-                    user_namespaces: *USER_NAMESPACES
-                        .get_or_init(crate::check::user_namespaces_enabled),
+                    user_namespaces: self.daemon.user_namespaces,
                 }),
             }],
             features: Some(RuntimeFeatures {
