@@ -401,6 +401,15 @@ fn user_namespaces_work(pause: &Path, layers: &Path) -> bool {
         );
         return false;
     }
+    // Overlay over idmapped layers came with Linux 5.19.
+    let kernel = crate::container::spec::HostInfo::get().kernel;
+    if kernel < (5, 19) {
+        info!(
+            ?kernel,
+            "pods with user namespaces of their own (hostUsers: false) are not offered: overlayfs over idmapped layers needs Linux 5.19"
+        );
+        return false;
+    }
     match crate::sandbox::namespaces::idmapped_mounts_work(pause, layers) {
         Ok(()) => true,
         Err(e) => {
