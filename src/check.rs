@@ -64,6 +64,7 @@ fn finding(outcome: Outcome, name: impl Into<String>, detail: impl Into<String>)
 pub fn run(config: &Config) -> Vec<Finding> {
     let mut findings = vec![privileges(), overlayfs()];
     findings.extend(namespaces());
+    findings.push(pod_user_namespaces_finding(&config.root));
     findings.extend(cgroups());
     findings.push(seccomp());
     findings.push(apparmor());
@@ -302,16 +303,62 @@ fn cni(config: &Config) -> Finding {
     }
 }
 
-fn free_space(root: &Path) -> Finding {
-    // The root may not exist before the first start; its filesystem is that
-    // of its nearest existing ancestor.
-    let mut probe = root;
+/// `path` or, if it does not exist yet (a root before the first start),
+/// its nearest existing ancestor: the same filesystem.
+fn existing(path: &Path) -> &Path {
+    let mut probe = path;
     while !probe.exists() {
         match probe.parent() {
             Some(parent) => probe = parent,
             None => break,
         }
     }
+    probe
+}
+
+/// Whether pods may have user namespaces of their own (`hostUsers:
+/// false`) with a root on the filesystem of `dir`: they need user
+/// namespaces, Linux 5.19 (overlayfs over idmapped layers) and idmapped
+/// mounts there. Why not, if not. Forks a holder for the try (root only).
+pub fn pod_user_namespaces(dir: &Path) -> Result<(), String> {
+    if !user_namespaces_enabled() {
+        return Err("the kernel allows no user namespaces".into());
+    }
+    let kernel = crate::container::spec::HostInfo::get().kernel;
+    if kernel < (5, 19) {
+        return Err(format!(
+            "Linux {}.{}: overlayfs over idmapped layers needs 5.19",
+            kernel.0, kernel.1
+        ));
+    }
+    crate::sandbox::userns::idmapped_mounts_work(dir)
+        .map_err(|e| format!("no idmapped mounts on {}: {e}", dir.display()))
+}
+
+fn pod_user_namespaces_finding(root: &Path) -> Finding {
+    let name = "hostUsers: false";
+    if !nix::unistd::geteuid().is_root() {
+        return finding(Outcome::Optional, name, "not checked: needs root");
+    }
+    let probe = existing(root);
+    match pod_user_namespaces(probe) {
+        Ok(()) => finding(
+            Outcome::Ok,
+            name,
+            format!("supported (idmapped mounts work on {})", probe.display()),
+        ),
+        Err(why) => finding(
+            Outcome::Optional,
+            name,
+            format!("{why}: pods with user namespaces of their own cannot run"),
+        ),
+    }
+}
+
+fn free_space(root: &Path) -> Finding {
+    // The root may not exist before the first start; its filesystem is that
+    // of its nearest existing ancestor.
+    let probe = existing(root);
     let name = "disk space";
     match nix::sys::statvfs::statvfs(probe) {
         Ok(stat) => {
@@ -387,6 +434,7 @@ mod tests {
             "overlayfs",
             "namespace net",
             "namespace user",
+            "hostUsers: false",
             "cgroups",
             "seccomp",
             "apparmor",

@@ -162,7 +162,7 @@ impl Daemon {
                 path
             }
         };
-        let user_namespaces = user_namespaces_work(&pause, images.layers().dir());
+        let user_namespaces = user_namespaces_work(images.layers().dir());
         let sandboxes = Arc::new(SandboxManager::new(
             store.clone(),
             &config.state,
@@ -394,26 +394,13 @@ fn create_dir(path: &Path, mode: u32) -> Result<(), DaemonError> {
 
 /// Whether pods may have user namespaces of their own here (see
 /// `Daemon::user_namespaces`); says why not in the log.
-fn user_namespaces_work(pause: &Path, layers: &Path) -> bool {
-    if !crate::check::user_namespaces_enabled() {
-        info!(
-            "pods with user namespaces of their own (hostUsers: false) are not offered: the kernel allows no user namespaces"
-        );
-        return false;
-    }
-    // Overlay over idmapped layers came with Linux 5.19.
-    let kernel = crate::container::spec::HostInfo::get().kernel;
-    if kernel < (5, 19) {
-        info!(
-            ?kernel,
-            "pods with user namespaces of their own (hostUsers: false) are not offered: overlayfs over idmapped layers needs Linux 5.19"
-        );
-        return false;
-    }
-    match crate::sandbox::namespaces::idmapped_mounts_work(pause, layers) {
+fn user_namespaces_work(layers: &Path) -> bool {
+    match crate::check::pod_user_namespaces(layers) {
         Ok(()) => true,
-        Err(e) => {
-            warn!(layers = %layers.display(), "pods with user namespaces of their own (hostUsers: false) are not offered: no idmapped mounts here: {e}");
+        Err(why) => {
+            info!(
+                "pods with user namespaces of their own (hostUsers: false) are not offered: {why}"
+            );
             false
         }
     }

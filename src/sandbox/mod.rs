@@ -12,6 +12,7 @@ pub mod infra;
 pub mod namespaces;
 pub mod pin_ns;
 pub mod resources;
+pub mod userns;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -409,8 +410,8 @@ impl SandboxManager {
         })
         .await??;
 
-        let (pin_ns, id, holder) = (self.pins.clone(), pod.id.clone(), self.pause.clone());
-        blocking(move || pin_ns.pin(&id, &pins, &holder)).await??;
+        let (pin_ns, id) = (self.pins.clone(), pod.id.clone());
+        blocking(move || pin_ns.pin(&id, &pins)).await??;
 
         if let Some(cgroups) = &self.cgroups {
             let parent = pod.cgroup_parent();

@@ -7,12 +7,10 @@
 //! ends: namespaces are per thread, so nothing else of the daemon moves.
 //! A user namespace is the exception: only a single-threaded process may
 //! make one, and the pod's other namespaces must be made inside it to be
-//! owned by it. So a short-lived holder process makes them all; the thread
-//! writes its id maps, joins its other namespaces and pins them.
+//! owned by it. So a short-lived holder process makes them all (`userns`);
+//! the thread joins its other namespaces and pins them.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
@@ -138,13 +136,12 @@ pub(super) fn unpin_one(path: &Path) -> Result<(), PinError> {
 /// left in all of them but the user namespace: call it on a thread of its
 /// own that ends after it. namespaces(7) are per thread, so the daemon's
 /// other threads keep theirs. A pod with a user namespace of its own gets
-/// its namespaces from a holder process, `holder pause`, which is gone
-/// when this returns.
+/// its namespaces from a holder process (`userns`), which is gone when
+/// this returns.
 pub(super) fn make_and_pin(
     dir: &Path,
     mount_ns: &Path,
     request: &PinRequest,
-    holder: &Path,
 ) -> Result<(), PinError> {
     let flags = request.flags();
     let planned = {
@@ -152,7 +149,7 @@ pub(super) fn make_and_pin(
         sysctl::plan(Some(&map), flags)?
     };
     let holder = match &request.user {
-        Some(maps) => Some(Holder::start(holder, flags, maps)?),
+        Some(maps) => Some(super::userns::Holder::start(flags, maps)?),
         None => None,
     };
     super::pin_ns::join(mount_ns)?;
@@ -202,124 +199,6 @@ pub(super) fn make_and_pin(
         })?;
     }
     Ok(())
-}
-
-/// Whether the kernel and the filesystem of `dir` take idmapped mounts,
-/// which the containers of pods with user namespaces of their own need
-/// for their layers and volumes: a clone of `dir` is idmapped through a new
-/// user namespace (a holder's, `holder pause`) and dropped unattached.
-/// Blocking.
-pub fn idmapped_mounts_work(holder: &Path, dir: &Path) -> Result<(), PinError> {
-    use rustix::mount::{OpenTreeFlags, open_tree};
-    use std::os::fd::AsFd;
-    let maps = UserNamespaceMaps {
-        uid_map: "0 100000 65536\n".into(),
-        gid_map: "0 100000 65536\n".into(),
-    };
-    let holder = Holder::start(holder, CloneFlags::empty(), &maps)?;
-    let path = holder.namespace("user");
-    let userns = std::fs::File::open(&path).map_err(|source| PinError::Io {
-        op: "open",
-        path,
-        source,
-    })?;
-    let tree = open_tree(
-        rustix::fs::CWD,
-        dir,
-        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
-    )
-    .map_err(|errno| PinError::Sys {
-        op: format!("open_tree {}", dir.display()),
-        errno: nix::errno::Errno::from_raw(errno.raw_os_error()),
-    })?;
-    crate::executor::mounts::idmap_detached(tree.as_fd(), userns.as_fd(), 0, dir)?;
-    Ok(())
-}
-
-/// A process in a new user namespace and the pod's other new namespaces,
-/// made inside it so that it owns them. It runs the pause loop until it
-/// is dropped, which kills and reaps it.
-struct Holder {
-    child: Child,
-}
-
-impl Holder {
-    /// Starts `program pause` in a new user namespace and `flags`, and
-    /// writes the namespace's id maps. Blocking.
-    fn start(
-        program: &Path,
-        flags: CloneFlags,
-        maps: &UserNamespaceMaps,
-    ) -> Result<Holder, PinError> {
-        let flags = flags | CloneFlags::CLONE_NEWUSER;
-        let mut command = Command::new(program);
-        command
-            .arg("pause")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // SAFETY: the closure runs in the forked child before exec and makes
-        // one syscall, unshare(2), which is async-signal-safe; a new user
-        // namespace needs a single-threaded process, which the child is.
-        #[allow(unsafe_code)]
-        unsafe {
-            command.pre_exec(move || nix::sched::unshare(flags).map_err(std::io::Error::from));
-        }
-        let child = command.spawn().map_err(|source| PinError::Io {
-            op: "start the user namespace holder",
-            path: program.to_path_buf(),
-            source,
-        })?;
-        let holder = Holder { child };
-        // Written by this privileged process, a gid map needs no
-        // `setgroups deny`: the pod's processes may set their groups.
-        for (file, map) in [("uid_map", &maps.uid_map), ("gid_map", &maps.gid_map)] {
-            let path = PathBuf::from(format!("/proc/{}/{file}", holder.child.id()));
-            std::fs::write(&path, map).map_err(|source| PinError::Io {
-                op: "write",
-                path,
-                source,
-            })?;
-        }
-        Ok(holder)
-    }
-
-    fn namespace(&self, kind: &str) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/ns/{kind}", self.child.id()))
-    }
-
-    /// Moves the calling thread into the holder's namespaces among `flags`
-    /// (not its user namespace: a thread of a threaded process cannot
-    /// join one, and need not, being privileged over it from outside).
-    fn join(&self, flags: CloneFlags) -> Result<(), PinError> {
-        for (flag, kind) in [
-            (CloneFlags::CLONE_NEWNET, "net"),
-            (CloneFlags::CLONE_NEWIPC, "ipc"),
-            (CloneFlags::CLONE_NEWUTS, "uts"),
-        ] {
-            if !flags.contains(flag) {
-                continue;
-            }
-            let path = self.namespace(kind);
-            let ns = std::fs::File::open(&path).map_err(|source| PinError::Io {
-                op: "open",
-                path: path.clone(),
-                source,
-            })?;
-            nix::sched::setns(&ns, flag).map_err(|errno| PinError::Sys {
-                op: format!("join {}", path.display()),
-                errno,
-            })?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[cfg(test)]

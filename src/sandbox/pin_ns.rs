@@ -105,7 +105,7 @@ impl PinNamespace {
     /// joins this namespace and ends (`namespaces::make_and_pin`). The
     /// request's sysctls were checked with the pod's config (`validate`).
     /// Blocking. On failure nothing is left pinned.
-    pub fn pin(&self, pod_id: &str, request: &PinRequest, holder: &Path) -> Result<(), PinError> {
+    pub fn pin(&self, pod_id: &str, request: &PinRequest) -> Result<(), PinError> {
         if !(request.net || request.ipc || request.uts || request.user.is_some()) {
             return Ok(());
         }
@@ -114,7 +114,7 @@ impl PinNamespace {
             std::thread::Builder::new()
                 .name("berth-ns-pin".into())
                 .spawn_scoped(scope, || {
-                    super::namespaces::make_and_pin(&dir, &self.pin, request, holder)
+                    super::namespaces::make_and_pin(&dir, &self.pin, request)
                 })
                 .map_err(|source| PinError::Io {
                     op: "start a thread to pin in",
