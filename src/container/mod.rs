@@ -1398,4 +1398,18 @@ mod tests {
         assert_eq!(parse_signal(""), None);
         assert_eq!(parse_signal("SIGNOPE"), None);
     }
+
+    #[test]
+    fn records_from_before_image_volumes_decode_without_them() {
+        let mut record = ContainerRecord::bare("c1", PathBuf::from("/b"), None);
+        record.volume_image_ids = vec!["sha256:ab".into()];
+        let mut stored = serde_json::to_value(&record).expect("encode");
+        assert_eq!(stored["volume_image_ids"][0], "sha256:ab");
+        stored
+            .as_object_mut()
+            .expect("a record is an object")
+            .remove("volume_image_ids");
+        let old: ContainerRecord = serde_json::from_value(stored).expect("decode an older record");
+        assert!(old.volume_image_ids.is_empty());
+    }
 }

@@ -918,16 +918,22 @@ mod tests {
         };
         let mut stored = serde_json::to_value(&pod).expect("encode");
         assert_eq!(stored["pins_apart"], true);
-        // Written by berth before `pin_ns`: no such field.
+        // Written by berth before `pin_ns`: no such field, nor a user pin.
         stored
             .as_object_mut()
             .expect("a record is an object")
             .remove("pins_apart");
+        stored["namespaces"]
+            .as_object_mut()
+            .expect("namespaces are an object")
+            .remove("user");
         let old: PodRecord = serde_json::from_value(stored).expect("decode an older record");
         assert!(
             !old.pins_apart,
             "its pins are under dir/ns, where it made them"
         );
+        assert!(!old.namespaces.user, "the host's user namespace");
+        assert_eq!(old.user_namespace_root(), None);
     }
 
     #[test]
