@@ -34,8 +34,8 @@ pub enum MountError {
         destination: PathBuf,
         message: &'static str,
     },
-    #[error("idmapped mount of {source_path}: open_tree: {errno}")]
-    OpenTree { source_path: String, errno: Errno },
+    #[error("idmapped mount of {source_path:?}: open_tree: {errno}")]
+    OpenTree { source_path: PathBuf, errno: Errno },
     #[error("resolve {path:?} inside the container rootfs: {errno}")]
     Resolve { path: PathBuf, errno: Errno },
     #[error("create {path:?} inside the container rootfs: {errno}")]
@@ -308,26 +308,15 @@ impl MountPlan {
     /// container's init in its user namespace has not. A mount without id
     /// maps is left as it is.
     pub fn make_idmapped(&mut self, userns: BorrowedFd<'_>) -> Result<(), MountError> {
-        use rustix::mount::{OpenTreeFlags, open_tree};
         let Some(idmap) = &mut self.idmap else {
             return Ok(());
         };
         let recursive = matches!(self.kind, MountKind::Bind { recursive: true });
-        let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
-        if recursive {
-            flags |= OpenTreeFlags::AT_RECURSIVE;
-        }
-        let tree = open_tree(rustix::fs::CWD, self.source.as_str(), flags).map_err(|errno| {
-            MountError::OpenTree {
-                source_path: self.source.clone(),
-                errno: Errno::from_raw(errno.raw_os_error()),
-            }
-        })?;
-        idmap_detached(
-            tree.as_fd(),
+        let tree = idmapped_tree(
+            Path::new(&self.source),
+            recursive,
             userns,
             mount_attrs(self.flags),
-            Path::new(&self.source),
         )?;
         idmap.tree = Some(Arc::new(tree));
         Ok(())
@@ -541,25 +530,37 @@ pub fn mount_setattr_recursive(
     })
 }
 
-/// Makes the detached mount tree `fd` (from `open_tree(OPEN_TREE_CLONE)`)
-/// show its files' owners through the id maps of the user namespace
-/// `userns`, with the `MOUNT_ATTR_*` bits `attrs` too: an idmapped mount.
-pub fn idmap_detached(
-    fd: BorrowedFd<'_>,
+/// A detached copy of the tree at `source` (with the mounts below it when
+/// `recursive`) that shows its files' owners through the id maps of the
+/// user namespace `userns`, with the `MOUNT_ATTR_*` bits `attrs` too: an
+/// idmapped mount, to attach with `move_mount`. Needs privilege over the
+/// filesystem of `source`.
+pub fn idmapped_tree(
+    source: &Path,
+    recursive: bool,
     userns: BorrowedFd<'_>,
     attrs: u64,
-    shown: &Path,
-) -> Result<(), MountError> {
+) -> Result<OwnedFd, MountError> {
+    use rustix::mount::{OpenTreeFlags, open_tree};
+    let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+    if recursive {
+        flags |= OpenTreeFlags::AT_RECURSIVE;
+    }
+    let tree = open_tree(rustix::fs::CWD, source, flags).map_err(|errno| MountError::OpenTree {
+        source_path: source.to_owned(),
+        errno: Errno::from_raw(errno.raw_os_error()),
+    })?;
     let attr = libc::mount_attr {
         attr_set: libc::MOUNT_ATTR_IDMAP | attrs,
         attr_clr: 0,
         propagation: 0,
         userns_fd: userns.as_raw_fd() as u64,
     };
-    mount_setattr(fd, &attr).map_err(|errno| MountError::Idmap {
-        target: shown.to_owned(),
+    mount_setattr(tree.as_fd(), &attr).map_err(|errno| MountError::Idmap {
+        target: source.to_owned(),
         errno,
-    })
+    })?;
+    Ok(tree)
 }
 
 fn mount_setattr(fd: BorrowedFd<'_>, attr: &libc::mount_attr) -> Result<(), Errno> {
@@ -1068,8 +1069,12 @@ mod tests {
         }
         std::fs::write(src.join("f"), b"x").expect("file");
         std::os::unix::fs::chown(src.join("f"), Some(5), Some(7)).expect("chown");
-        let userns = crate::executor::test_support::TestUserNamespace::new(200_000);
-        let ns = std::fs::File::open(userns.path()).expect("open userns");
+        let userns = crate::sandbox::userns::Holder::start(
+            nix::sched::CloneFlags::empty(),
+            &crate::sandbox::namespaces::UserNamespaceMaps::one_range(200_000, 65536),
+        )
+        .expect("a user namespace");
+        let ns = std::fs::File::open(userns.namespace("user")).expect("open userns");
         let mut m = MountPlan::from_spec(&spec_mount(&format!(
             r#"{{"destination":"/data","type":"bind","source":"{}","options":["rbind","ro"],"uidMappings":[{{"containerID":0,"hostID":200000,"size":65536}}],"gidMappings":[{{"containerID":0,"hostID":200000,"size":65536}}]}}"#,
             src.display()

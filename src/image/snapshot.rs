@@ -222,28 +222,18 @@ impl Snapshots {
         target: &Path,
         mount: impl FnOnce(Vec<PathBuf>) -> Result<(), SnapshotError>,
     ) -> Result<(), SnapshotError> {
-        use rustix::mount::{MoveMountFlags, OpenTreeFlags, move_mount, open_tree};
+        use rustix::mount::{MoveMountFlags, move_mount};
         let io = |op, path: &Path| {
             let path = path.to_path_buf();
             move |source| SnapshotError::Io { op, path, source }
         };
-        let mount_err = |op| {
-            let target = target.to_path_buf();
-            move |errno| SnapshotError::Mount { target, op, errno }
-        };
         let userns = std::fs::File::open(&idmap.userns).map_err(io("open", &idmap.userns))?;
         let layers = self.layers.dir();
-        let tree = open_tree(
-            rustix::fs::CWD,
+        let tree = crate::executor::mounts::idmapped_tree(
             layers,
-            OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
-        )
-        .map_err(mount_err("open_tree of the layers"))?;
-        crate::executor::mounts::idmap_detached(
-            tree.as_fd(),
+            false,
             userns.as_fd(),
             libc::MOUNT_ATTR_RDONLY,
-            layers,
         )
         .map_err(|source| SnapshotError::Idmap {
             target: target.to_path_buf(),
@@ -258,7 +248,11 @@ impl Snapshots {
             &view,
             MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
         )
-        .map_err(mount_err("attach the idmapped layers"))?;
+        .map_err(|errno| SnapshotError::Mount {
+            target: target.to_path_buf(),
+            op: "attach the idmapped layers",
+            errno,
+        })?;
         let seen = lower
             .iter()
             .map(|l| view.join(l.strip_prefix(layers).unwrap_or(l)))
@@ -496,9 +490,13 @@ mod tests {
         let layers = LayerStore::open(root.path()).expect("layers");
         let bottom = layer(&layers, "a", b"bottom", None);
         let snapshots = Snapshots::new(root.path(), layers);
-        let userns = crate::executor::test_support::TestUserNamespace::new(200_000);
+        let userns = crate::sandbox::userns::Holder::start(
+            nix::sched::CloneFlags::empty(),
+            &crate::sandbox::namespaces::UserNamespaceMaps::one_range(200_000, 65536),
+        )
+        .expect("a user namespace");
         let idmap = IdmappedRootfs {
-            userns: userns.path(),
+            userns: userns.namespace("user"),
             root_uid: 200_000,
             root_gid: 200_000,
         };

@@ -59,6 +59,17 @@ pub struct UserNamespaceMaps {
     pub gid_map: String,
 }
 
+impl UserNamespaceMaps {
+    /// Uids and gids 0..`length` as the host's `host_id`.. alike.
+    pub fn one_range(host_id: u32, length: u32) -> UserNamespaceMaps {
+        let map = format!("0 {host_id} {length}\n");
+        UserNamespaceMaps {
+            uid_map: map.clone(),
+            gid_map: map,
+        }
+    }
+}
+
 impl PinRequest {
     fn flags(&self) -> CloneFlags {
         let mut flags = CloneFlags::empty();

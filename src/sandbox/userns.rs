@@ -18,8 +18,8 @@ use super::namespaces::{PinError, UserNamespaceMaps};
 
 /// A process in a new user namespace (and in the new namespaces it was
 /// asked for, made inside it). It waits until dropped; the drop ends and
-/// reaps it.
-pub(super) struct Holder {
+/// reaps it. Tests hold user namespaces with it too.
+pub(crate) struct Holder {
     pid: Pid,
     /// The write end of the pipe the holder waits on: closed, it exits.
     release: Option<OwnedFd>,
@@ -28,7 +28,7 @@ pub(super) struct Holder {
 impl Holder {
     /// Forks the holder into a new user namespace and `flags`, and writes
     /// the namespace's id maps. Blocking.
-    pub(super) fn start(flags: CloneFlags, maps: &UserNamespaceMaps) -> Result<Holder, PinError> {
+    pub(crate) fn start(flags: CloneFlags, maps: &UserNamespaceMaps) -> Result<Holder, PinError> {
         let flags = flags | CloneFlags::CLONE_NEWUSER;
         let sys = |op: &str| {
             let op = op.to_string();
@@ -90,7 +90,7 @@ impl Holder {
     }
 
     /// The holder's namespace of `kind` (`user`, `net`, ...).
-    pub(super) fn namespace(&self, kind: &str) -> PathBuf {
+    pub(crate) fn namespace(&self, kind: &str) -> PathBuf {
         PathBuf::from(format!("/proc/{}/ns/{kind}", self.pid))
     }
 
@@ -136,28 +136,17 @@ impl Drop for Holder {
 /// for their layers and volumes: a clone of `dir` is idmapped through a
 /// holder's new user namespace and dropped unattached. Blocking.
 pub fn idmapped_mounts_work(dir: &Path) -> Result<(), PinError> {
-    use rustix::mount::{OpenTreeFlags, open_tree};
-    let maps = UserNamespaceMaps {
-        uid_map: "0 100000 65536\n".into(),
-        gid_map: "0 100000 65536\n".into(),
-    };
-    let holder = Holder::start(CloneFlags::empty(), &maps)?;
+    let holder = Holder::start(
+        CloneFlags::empty(),
+        &UserNamespaceMaps::one_range(100_000, 65536),
+    )?;
     let path = holder.namespace("user");
     let userns = std::fs::File::open(&path).map_err(|source| PinError::Io {
         op: "open",
         path,
         source,
     })?;
-    let tree = open_tree(
-        rustix::fs::CWD,
-        dir,
-        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
-    )
-    .map_err(|errno| PinError::Sys {
-        op: format!("open_tree {}", dir.display()),
-        errno: nix::errno::Errno::from_raw(errno.raw_os_error()),
-    })?;
-    crate::executor::mounts::idmap_detached(tree.as_fd(), userns.as_fd(), 0, dir)?;
+    crate::executor::mounts::idmapped_tree(dir, false, userns.as_fd(), 0)?;
     Ok(())
 }
 
@@ -170,10 +159,7 @@ mod tests {
         if !crate::executor::test_support::root_or_skip("user namespaces") {
             return;
         }
-        let maps = UserNamespaceMaps {
-            uid_map: "0 300000 65536\n".into(),
-            gid_map: "0 300000 65536\n".into(),
-        };
+        let maps = UserNamespaceMaps::one_range(300_000, 65536);
         let holder = Holder::start(CloneFlags::CLONE_NEWNET, &maps).expect("holder");
         let pid = holder.pid;
         let uid_map = std::fs::read_to_string(format!("/proc/{pid}/uid_map")).expect("uid_map");
