@@ -386,7 +386,8 @@ pub fn build(input: &SpecInput) -> Result<Spec, SpecError> {
             paths_or_default(&sc.readonly_paths, DEFAULT_READONLY_PATHS),
         )
     };
-    let (mounts, rootfs_propagation) = mounts(input, sc, &namespaces)?;
+    let userns = user_namespace_mappings(sc)?;
+    let (mounts, rootfs_propagation) = mounts(input, sc, &namespaces, userns.as_ref())?;
 
     let mut linux = LinuxBuilder::default()
         .namespaces(namespaces)
@@ -402,11 +403,11 @@ pub fn build(input: &SpecInput) -> Result<Spec, SpecError> {
     }
     linux.set_seccomp(seccomp);
     linux.set_rootfs_propagation(rootfs_propagation);
-    if let Some(userns) = user_namespace_mappings(sc)? {
+    if let Some((uids, gids)) = userns {
         // Joined by path, so the maps are for the reader (`crictl inspect`,
         // as containerd shows them).
-        linux.set_uid_mappings(Some(userns.0));
-        linux.set_gid_mappings(Some(userns.1));
+        linux.set_uid_mappings(Some(uids));
+        linux.set_gid_mappings(Some(gids));
     }
 
     let mut spec = Spec::default();
@@ -904,14 +905,15 @@ fn clean(path: &str) -> PathBuf {
 /// needs it). containerd's `WithMounts`: CRI mounts, then the pod's files
 /// and image volumes where no CRI mount has the same destination; defaults
 /// replaced by any mount on the same destination (and all of `/dev/*` by
-/// a `/dev` mount); binds sorted by depth so parents come first.
+/// a `/dev` mount); binds sorted by depth so parents come first. `userns`:
+/// the maps of the pod's user namespace, which idmapped binds take.
 fn mounts(
     input: &SpecInput,
     sc: &LinuxContainerSecurityContext,
     namespaces: &[LinuxNamespace],
+    userns: Option<&IdMaps>,
 ) -> Result<(Vec<Mount>, Option<String>), SpecError> {
     let config = input.config;
-    let userns = user_namespace_mappings(sc)?;
     let mut binds: Vec<BindRequest> = Vec::new();
     for (i, m) in config.mounts.iter().enumerate() {
         let field = format!("mounts[{i}]");
@@ -954,7 +956,7 @@ fn mounts(
         if idmap {
             // kubelet gives a pod's volumes the pod's maps; berth maps
             // through the pod's user namespace, so no other maps.
-            let same = userns.as_ref().is_some_and(|(uids, gids)| {
+            let same = userns.is_some_and(|(uids, gids)| {
                 oci_id_mappings(&m.uid_mappings).ok().as_ref() == Some(uids)
                     && oci_id_mappings(&m.gid_mappings).ok().as_ref() == Some(gids)
             });
@@ -1117,7 +1119,7 @@ fn mounts(
             .source(source)
             .options(options)
             .build()?;
-        if let (true, Some((uids, gids))) = (b.idmap, &userns) {
+        if let (true, Some((uids, gids))) = (b.idmap, userns) {
             mount.set_uid_mappings(Some(uids.clone()));
             mount.set_gid_mappings(Some(gids.clone()));
         }
