@@ -324,7 +324,9 @@ pub fn pod_user_namespaces(dir: &Path) -> Result<(), String> {
     if !user_namespaces_enabled() {
         return Err("the kernel allows no user namespaces".into());
     }
-    let kernel = crate::container::spec::HostInfo::get().kernel;
+    // Not HostInfo::get(): the daemon asks at start, and the rest of
+    // HostInfo waits for the first container.
+    let kernel = crate::container::spec::kernel_release();
     if kernel < (5, 19) {
         return Err(format!(
             "Linux {}.{}: overlayfs over idmapped layers needs 5.19",
@@ -399,11 +401,9 @@ fn max_user_namespaces() -> Option<u64> {
         .and_then(|s| s.trim().parse::<u64>().ok())
 }
 
-/// Whether pods can have user namespaces of their own (`hostUsers:
-/// false`): the kernel has them and allows some. Idmapped mounts, which
-/// their rootfs needs too, are checked when a container is made (Linux
-/// 5.19 or later, and a filesystem under the root that has them).
-pub fn user_namespaces_enabled() -> bool {
+/// The kernel has user namespaces and allows some: the first thing
+/// [`pod_user_namespaces`] asks.
+fn user_namespaces_enabled() -> bool {
     Path::new("/proc/self/ns/user").exists() && max_user_namespaces().is_some_and(|n| n > 0)
 }
 

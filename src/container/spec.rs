@@ -254,11 +254,7 @@ impl HostInfo {
             Path::new("/sys/fs/cgroup/hugetlb").is_dir()
         };
         let uname = rustix::system::uname();
-        let release = uname.release().to_string_lossy().into_owned();
-        let mut numbers = release
-            .split(|c: char| !c.is_ascii_digit())
-            .filter_map(|n| n.parse::<u32>().ok());
-        let kernel = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+        let kernel = kernel_release();
         let mountinfo = PathBuf::from("/proc/self/mountinfo");
         let cgroup_mount_options = std::fs::read_to_string(&mountinfo)
             .ok()
@@ -336,6 +332,16 @@ pub struct SpecInput<'a> {
     pub image_volumes: &'a HashMap<usize, PathBuf>,
     /// From berth's config (kubelet sends none).
     pub pids_limit: Option<i64>,
+}
+
+/// The running kernel's (major, minor) version; (0, 0) if unreadable.
+pub fn kernel_release() -> (u32, u32) {
+    let uname = rustix::system::uname();
+    let release = uname.release().to_string_lossy().into_owned();
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse::<u32>().ok());
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0))
 }
 
 /// The signal StopContainer sends first: the image's `StopSignal`, else
