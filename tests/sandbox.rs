@@ -36,6 +36,14 @@ impl TestNet {
         }
     }
 
+    /// A daemon on this network.
+    fn daemon(&self) -> TestDaemon {
+        TestDaemon::start_with(Options {
+            config_toml: self.builtin_config(),
+            ..Options::default()
+        })
+    }
+
     fn builtin_config(&self) -> String {
         format!(
             "[network]\nmode = \"builtin\"\nbridge = \"{}\"\nnft_table = \"{}\"\nmasquerade = false\npod_cidr = \"{}.0/24\"\n",
@@ -287,10 +295,7 @@ async fn two_pods_talk_over_tcp_and_host_port_reaches_a_pod() {
         return;
     }
     let net = TestNet::new();
-    let daemon = TestDaemon::start_with(Options {
-        config_toml: net.builtin_config(),
-        ..Options::default()
-    });
+    let daemon = net.daemon();
     let mut client = daemon.runtime().await;
     let host_port =
         20000 + (NEXT_NET.fetch_add(1, Ordering::Relaxed) + std::process::id() % 1000) as i32;
@@ -415,10 +420,7 @@ async fn host_network_pod_gets_no_network_namespace() {
         return;
     }
     let net = TestNet::new();
-    let daemon = TestDaemon::start_with(Options {
-        config_toml: net.builtin_config(),
-        ..Options::default()
-    });
+    let daemon = net.daemon();
     let mut client = daemon.runtime().await;
     let mut config = pod_config("hostnet");
     config.linux = Some(LinuxPodSandboxConfig {
@@ -449,10 +451,7 @@ async fn stop_and_remove_are_idempotent_and_leave_nothing() {
         return;
     }
     let net = TestNet::new();
-    let daemon = TestDaemon::start_with(Options {
-        config_toml: net.builtin_config(),
-        ..Options::default()
-    });
+    let daemon = net.daemon();
     let mut client = daemon.runtime().await;
     let id = runp(&mut client, pod_config("idem"))
         .await
@@ -490,10 +489,7 @@ async fn name_conflicts_name_the_holder_and_failed_runs_free_the_name() {
         return;
     }
     let net = TestNet::new();
-    let daemon = TestDaemon::start_with(Options {
-        config_toml: net.builtin_config(),
-        ..Options::default()
-    });
+    let daemon = net.daemon();
     let mut client = daemon.runtime().await;
     let id = runp(&mut client, pod_config("dup")).await.expect("first");
     let err = runp(&mut client, pod_config("dup"))
@@ -550,10 +546,7 @@ async fn list_filters_by_id_prefix_state_and_labels() {
         return;
     }
     let net = TestNet::new();
-    let daemon = TestDaemon::start_with(Options {
-        config_toml: net.builtin_config(),
-        ..Options::default()
-    });
+    let daemon = net.daemon();
     let mut client = daemon.runtime().await;
     let a = runp(&mut client, pod_config("list-a")).await.expect("a");
     let b = runp(&mut client, pod_config("list-b")).await.expect("b");
@@ -613,10 +606,7 @@ async fn pods_survive_a_daemon_killed_with_sigkill_and_are_cleaned_up_after() {
         return;
     }
     let net = TestNet::new();
-    let mut daemon = TestDaemon::start_with(Options {
-        config_toml: net.builtin_config(),
-        ..Options::default()
-    });
+    let mut daemon = net.daemon();
     let mut client = daemon.runtime().await;
     let id = runp(&mut client, pod_config("crash"))
         .await
@@ -663,10 +653,7 @@ async fn pins_stay_out_of_the_hosts_mount_table_and_their_namespace_goes_with_th
         return;
     }
     let net = TestNet::new();
-    let mut daemon = TestDaemon::start_with(Options {
-        config_toml: net.builtin_config(),
-        ..Options::default()
-    });
+    let mut daemon = net.daemon();
     let mut client = daemon.runtime().await;
     let id = runp(&mut client, pod_config("apart"))
         .await
@@ -714,10 +701,7 @@ async fn fifty_pods_from_eight_clients_get_distinct_addresses_and_leave_nothing(
         return;
     }
     let net = TestNet::new();
-    let daemon = TestDaemon::start_with(Options {
-        config_toml: net.builtin_config(),
-        ..Options::default()
-    });
+    let daemon = net.daemon();
     let mut workers = Vec::new();
     for worker in 0..8 {
         let mut client = daemon.runtime().await;
@@ -964,10 +948,7 @@ async fn overhead_and_resources_limit_the_pod_cgroup_berth_makes() {
     }
     let net = TestNet::new();
     let cgroup = PodCgroup::new("limits");
-    let daemon = TestDaemon::start_with(Options {
-        config_toml: net.builtin_config(),
-        ..Options::default()
-    });
+    let daemon = net.daemon();
     let mut client = daemon.runtime().await;
     let mut pods = PodsGuard::new(&daemon);
     let id = pods.track(
@@ -1028,10 +1009,7 @@ async fn a_pod_cgroup_kubelet_made_keeps_kubelets_limits() {
     let net = TestNet::new();
     let cgroup = PodCgroup::new("kubelets");
     cgroup.make_as_kubelet();
-    let daemon = TestDaemon::start_with(Options {
-        config_toml: net.builtin_config(),
-        ..Options::default()
-    });
+    let daemon = net.daemon();
     let mut client = daemon.runtime().await;
     let mut pods = PodsGuard::new(&daemon);
     let before = if cgroup_v2_only() {
@@ -1066,10 +1044,7 @@ async fn invalid_pod_resources_and_bandwidth_are_refused_naming_the_field() {
     }
     let net = TestNet::new();
     let cgroup = PodCgroup::new("invalid");
-    let daemon = TestDaemon::start_with(Options {
-        config_toml: net.builtin_config(),
-        ..Options::default()
-    });
+    let daemon = net.daemon();
     let mut client = daemon.runtime().await;
     let mut pods = PodsGuard::new(&daemon);
     let mut bad = pod_with_limits("invalid", &cgroup);
@@ -1130,10 +1105,7 @@ async fn a_limit_the_kernel_refuses_undoes_the_pod() {
     }
     let net = TestNet::new();
     let cgroup = PodCgroup::new("refused");
-    let daemon = TestDaemon::start_with(Options {
-        config_toml: net.builtin_config(),
-        ..Options::default()
-    });
+    let daemon = net.daemon();
     let mut client = daemon.runtime().await;
     let mut pods = PodsGuard::new(&daemon);
     let mut config = pod_with_limits("refused", &cgroup);
@@ -1220,10 +1192,7 @@ async fn bandwidth_annotations_shape_a_builtin_network_pod() {
         return;
     }
     let net = TestNet::new();
-    let daemon = TestDaemon::start_with(Options {
-        config_toml: net.builtin_config(),
-        ..Options::default()
-    });
+    let daemon = net.daemon();
     let mut client = daemon.runtime().await;
     let mut pods = PodsGuard::new(&daemon);
     let mut config = pod_config("shaped");
