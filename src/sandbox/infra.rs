@@ -121,20 +121,15 @@ pub async fn start(
 ) -> Result<u32, InfraError> {
     let rootfs = paths.bundle.join("rootfs");
     let pause_target = rootfs.join("pause");
-    let chown = || match owner {
-        Some((uid, gid)) => std::os::unix::fs::chown(&rootfs, Some(uid), Some(gid)),
-        None => Ok(()),
+    let io = |op| {
+        let path = rootfs.clone();
+        move |source| InfraError::Io { op, path, source }
     };
-    for (op, result) in [
-        ("create", std::fs::create_dir_all(&rootfs)),
-        ("create", std::fs::write(&pause_target, b"")),
-        ("chown", chown()),
-    ] {
-        result.map_err(|source| InfraError::Io {
-            op,
-            path: rootfs.clone(),
-            source,
-        })?;
+    // One step after the other: the file and the chown need the directory.
+    std::fs::create_dir_all(&rootfs).map_err(io("create"))?;
+    std::fs::write(&pause_target, b"").map_err(io("create"))?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(&rootfs, Some(uid), Some(gid)).map_err(io("chown"))?;
     }
     // berth is linked against the host's libc: its loader and libraries
     // come from the host, read-only. On merged-/usr hosts /lib and /lib64
