@@ -58,12 +58,12 @@ async fn container_goes_created_running_exited_with_times_and_reasons() {
         created.image_ref,
         rig.images().str("busybox", "repo_digest")
     );
-    // Listed, its image_ref is the image ID (what kubelets before 1.30 read
-    // as the image ID).
+    // Listed, its image_ref is the image ID, and image_id is empty: kubelet
+    // then takes image_ref as the image ID, as it does with containerd.
     let listed = rig.listed(None).await;
     let listed = listed.iter().find(|c| c.id == sleeper).expect("listed");
     assert_eq!(listed.image_ref, rig.images().str("busybox", "image_id"));
-    assert_eq!(listed.image_id, rig.images().str("busybox", "image_id"));
+    assert_eq!(listed.image_id, "");
     assert_eq!(
         PathBuf::from(&created.log_path),
         rig.log_dir(&pod).join("sleeper.log")
