@@ -19,6 +19,7 @@ mod lifecycle;
 mod pods;
 mod procfs;
 mod pull;
+mod relist;
 mod report;
 pub mod stats;
 mod table;
@@ -67,6 +68,9 @@ pub enum Scenario {
     /// kubelet's periodic calls on a node without pods, --iterations
     /// rounds: the daemon's memory at the end is its idle memory.
     Idle,
+    /// kubelet's relist on the pods the endpoints already hold, --iterations
+    /// rounds; nothing is made.
+    Relist,
 }
 
 impl Scenario {
@@ -78,6 +82,7 @@ impl Scenario {
             Scenario::Churn => "churn",
             Scenario::Exec => "exec",
             Scenario::Idle => "idle",
+            Scenario::Relist => "relist",
         }
     }
 
@@ -89,16 +94,17 @@ impl Scenario {
             Scenario::Churn => 5,
             Scenario::Exec => 200,
             Scenario::Idle => 60,
+            Scenario::Relist => 300,
         }
     }
 
     /// Pulls the image and runs warm-up pods first.
     pub fn makes_pods(self) -> bool {
-        !matches!(self, Scenario::Pull | Scenario::Idle)
+        !matches!(self, Scenario::Pull | Scenario::Idle | Scenario::Relist)
     }
 
     fn uses_image(self) -> bool {
-        self != Scenario::Idle
+        !matches!(self, Scenario::Idle | Scenario::Relist)
     }
 }
 
@@ -115,11 +121,11 @@ pub struct BenchArgs {
     #[arg(long, value_enum)]
     pub scenario: Scenario,
     /// Timed iterations [default: lifecycle 20, pull 3, density 20 list
-    /// calls, churn 5 rounds, exec 200 calls, idle 60 rounds].
+    /// calls, churn 5 rounds, exec 200 calls, idle 60 rounds, relist 300 rounds].
     #[arg(long, value_name = "N")]
     pub iterations: Option<u32>,
     /// The image to pull (pull) or to run `sleep` and `true` from (the
-    /// others but idle); it must be pullable by every endpoint under this
+    /// others but idle and relist); it must be pullable by every endpoint under this
     /// name.
     #[arg(long, value_name = "REF")]
     pub image: Option<String>,
@@ -360,6 +366,7 @@ async fn scenario(targets: &mut [Target], ctx: &Ctx, scenario: Scenario) {
         Scenario::Churn => churn::run(targets, ctx).await,
         Scenario::Exec => exec::run(targets, ctx).await,
         Scenario::Idle => idle::run(targets, ctx).await,
+        Scenario::Relist => relist::run(targets, ctx).await,
     }
 }
 
@@ -468,6 +475,7 @@ mod tests {
             Scenario::Churn,
             Scenario::Exec,
             Scenario::Idle,
+            Scenario::Relist,
         ] {
             assert!(s.default_iterations() > 0, "{}", s.name());
         }
