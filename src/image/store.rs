@@ -8,7 +8,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
@@ -96,6 +97,30 @@ pub struct ImageStore {
     puller: Puller,
     root: PathBuf,
     collector: RwLock<()>,
+    writable: Mutex<Option<Measured>>,
+}
+
+/// The containers' writable layers' usage, and when it was measured.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    at: Instant,
+    usage: DiskUsage,
+}
+
+/// How long a measure of the writable layers answers ImageFsInfo. Their
+/// walk took ~50 ms at 1000 containers (docs/performance.md, session 12),
+/// and kubelet asks several times in 10 s (eviction manager, summary API,
+/// image GC). containerd answers from the usage its snapshotter collects
+/// every 10 s. The image filesystem's usage is cheap (one listing of the
+/// blobs, the layers' sizes kept) and always current, so a pull or a removal
+/// shows at once.
+const WRITABLE_USAGE_MAX_AGE: Duration = Duration::from_secs(10);
+
+impl Measured {
+    fn current(this: Option<Measured>, now: Instant) -> Option<DiskUsage> {
+        this.filter(|m| now.saturating_duration_since(m.at) < WRITABLE_USAGE_MAX_AGE)
+            .map(|m| m.usage)
+    }
 }
 
 impl ImageStore {
@@ -115,6 +140,7 @@ impl ImageStore {
             puller,
             root: root.to_path_buf(),
             collector: RwLock::new(()),
+            writable: Mutex::new(None),
         }))
     }
 
@@ -266,13 +292,14 @@ impl ImageStore {
     }
 
     /// Usage of the image filesystem (content store and layers) and of the
-    /// containers' writable layers.
+    /// containers' writable layers, the latter as measured at most
+    /// [`WRITABLE_USAGE_MAX_AGE`] ago.
     pub async fn usage(self: &Arc<Self>) -> Result<(DiskUsage, DiskUsage), ImageError> {
         let this = self.clone();
         blocking(move || {
             let content = this.content.usage()?;
             let layers = this.layers.usage()?;
-            let containers = disk_usage(&this.root.join("containers"));
+            let containers = this.writable_usage();
             Ok((
                 DiskUsage {
                     bytes: content.bytes + layers.bytes,
@@ -282,6 +309,21 @@ impl ImageStore {
             ))
         })
         .await?
+    }
+
+    /// The writable layers' usage, measured again when the last measure is
+    /// too old. Two callers may both measure; the later one is kept.
+    fn writable_usage(&self) -> DiskUsage {
+        let kept = *self.writable.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(usage) = Measured::current(kept, Instant::now()) {
+            return usage;
+        }
+        let usage = disk_usage(&self.root.join("containers"));
+        *self.writable.lock().unwrap_or_else(PoisonError::into_inner) = Some(Measured {
+            at: Instant::now(),
+            usage,
+        });
+        usage
     }
 
     /// The unpacked layers, for container snapshots.
@@ -467,6 +509,24 @@ mod tests {
         assert_eq!(id_of("busybox:other"), None);
         assert_eq!(id_of("cccc"), None);
         assert_eq!(id_of(""), None);
+    }
+
+    #[test]
+    fn a_writable_layers_measure_answers_for_its_max_age_only() {
+        let at = Instant::now();
+        let usage = DiskUsage {
+            bytes: 4096,
+            inodes: 3,
+        };
+        let measured = Some(Measured { at, usage });
+        assert_eq!(Measured::current(measured, at), Some(usage));
+        let almost = at + WRITABLE_USAGE_MAX_AGE - Duration::from_millis(1);
+        assert_eq!(Measured::current(measured, almost), Some(usage));
+        assert_eq!(
+            Measured::current(measured, at + WRITABLE_USAGE_MAX_AGE),
+            None
+        );
+        assert_eq!(Measured::current(None, at), None);
     }
 
     #[test]
