@@ -104,6 +104,10 @@ pub async fn list(
 ) -> Result<Vec<Arc<ContainerRecord>>, crate::container::ContainerError> {
     let filter = filter.unwrap_or_default();
     let mut listed = manager.listed().await?;
+    if filter == ContainerFilter::default() {
+        // kubelet's relist: nothing to test, and no record to read.
+        return Ok(listed);
+    }
     listed.retain(|c| {
         (filter.id.is_empty() || c.id.starts_with(&filter.id))
             && (filter.pod_sandbox_id.is_empty() || c.pod_id.starts_with(&filter.pod_sandbox_id))
