@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::client::Failure;
 use super::target::{DensityMemory, Target};
-use super::{Ctx, order};
+use super::{Ctx, order, relist};
 
 /// Time for helpers to settle (lazy page faults, shim start-up) before the
 /// memory is read.
@@ -95,31 +95,21 @@ pub async fn run(targets: &mut [Target], ctx: &Ctx) {
 /// rows' names end in `suffix`.
 async fn relist(targets: &mut [Target], ctx: &Ctx, suffix: &str) {
     let n = ctx.pods as usize;
-    let list_pods = format!("ListPodSandbox @{n} pods{suffix}");
-    let list_pods_decoded = format!("ListPodSandbox @{n} pods{suffix}, decoded");
-    let list_containers = format!("ListContainers @{n} pods{suffix}");
-    let list_containers_decoded = format!("ListContainers @{n} pods{suffix}, decoded");
+    let rows = relist::Rows::new(&format!(" @{n} pods{suffix}"));
     for i in 0..ctx.iterations {
         for t in order(i, targets.len()) {
             let target = &mut targets[t];
             if !target.active() {
                 continue;
             }
-            let listed = async {
-                let pods = target.conn.list_pods().await?;
-                target.record(&list_pods, pods.received);
-                target.record(&list_pods_decoded, pods.decoded);
-                check_count(target, "ListPodSandbox", pods.count, n, i);
-                if target.with_containers() {
-                    let containers = target.conn.list_containers().await?;
-                    target.record(&list_containers, containers.received);
-                    target.record(&list_containers_decoded, containers.decoded);
-                    check_count(target, "ListContainers", containers.count, n, i);
+            match relist::round(target, &rows).await {
+                Ok((pods, containers)) => {
+                    check_count(target, "ListPodSandbox", pods, n, i);
+                    if let Some(containers) = containers {
+                        check_count(target, "ListContainers", containers, n, i);
+                    }
                 }
-                Ok::<_, Failure>(())
-            };
-            if let Err(f) = listed.await {
-                target.fail(f);
+                Err(f) => target.fail(f),
             }
         }
     }
