@@ -278,16 +278,7 @@ impl Snapshots {
             targets.extend(entries.flatten().map(|e| e.path()));
         }
         for target in targets {
-            match rustix::mount::unmount(&target, rustix::mount::UnmountFlags::DETACH) {
-                Ok(()) | Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOENT) => {}
-                Err(errno) => {
-                    return Err(SnapshotError::Mount {
-                        target,
-                        op: "unmount",
-                        errno,
-                    });
-                }
-            }
+            detach_mount(target, "unmount")?;
         }
         Ok(())
     }
@@ -320,20 +311,20 @@ impl Snapshots {
     }
 }
 
+/// Detaches the mount at `target`; nothing mounted there (EINVAL), or no
+/// `target` at all, is not an error.
+fn detach_mount(target: PathBuf, op: &'static str) -> Result<(), SnapshotError> {
+    match rustix::mount::unmount(&target, rustix::mount::UnmountFlags::DETACH) {
+        Ok(()) | Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOENT) => Ok(()),
+        Err(errno) => Err(SnapshotError::Mount { target, op, errno }),
+    }
+}
+
 /// Detaches and removes `dir/lower`, the idmapped view of the layers;
 /// none there is not an error.
 fn detach_layers_view(dir: &Path) -> Result<(), SnapshotError> {
     let view = dir.join("lower");
-    match rustix::mount::unmount(&view, rustix::mount::UnmountFlags::DETACH) {
-        Ok(()) | Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOENT) => {}
-        Err(errno) => {
-            return Err(SnapshotError::Mount {
-                target: view,
-                op: "detach the idmapped layers",
-                errno,
-            });
-        }
-    }
+    detach_mount(view.clone(), "detach the idmapped layers")?;
     match std::fs::remove_dir(&view) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
